@@ -1,0 +1,98 @@
+"""Checkpoints that survive crashes: atomic writes, the last K kept, and resume checks.
+
+A checkpoint is one file, `OUT/checkpoints/step-XXXXXXXX.pt`, holding everything a run needs to
+continue as if it had never stopped: the student's weights, the optimizer and gradient-scaler
+states, the step (from which the data position, the masks, the dropout seeds and the learning
+rate all follow), the RNG states and the run's configuration. It is written to a temporary name,
+flushed to disk and renamed: a crash while writing leaves the previous checkpoint untouched and
+never a partial file under a checkpoint's name.
+"""
+
+import glob
+import os
+import re
+
+import torch
+
+CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
+
+# Flags that may change between a run and its resumption: they change when things happen, where
+# they are written, or how the same global batch is split over ranks and micro-steps (the run
+# records the global batch itself, which must match), not what is computed.
+FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log",
+                 "progress", "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project",
+                 "batch_size", "grad_accum", "world_size", "plot", "out", "compile"}
+
+
+class CheckpointError(ValueError):
+    """A resume that cannot be done as asked: the message says why and what to do."""
+
+
+def checkpoint_dir(out_dir):
+    return os.path.join(out_dir, "checkpoints")
+
+
+def list_checkpoints(out_dir):
+    """Finished checkpoints, oldest first (temporary files never match the pattern)."""
+    paths = glob.glob(os.path.join(checkpoint_dir(out_dir), "step-*.pt"))
+    return sorted(p for p in paths if CKPT_PATTERN.search(p))
+
+
+def save_checkpoint(state, out_dir, keep):
+    """Write `state` atomically as the checkpoint of state["step"]; keep only the newest `keep`."""
+    folder = checkpoint_dir(out_dir)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{state['step']:08d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def load_latest(out_dir):
+    """(path, state) of the newest checkpoint that loads; a damaged one is skipped with a warning."""
+    paths = list_checkpoints(out_dir)
+    if not paths:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)}; "
+                              "run without --resume to start a new run there")
+    for path in reversed(paths):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a file damaged after it was written (disk fault, manual copy)
+            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})")
+    raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)} could be read")
+
+
+def config_differences(saved, current):
+    """The flags that change the run's mathematics and differ between `saved` and `current`."""
+    keys = (set(saved) | set(current)) - FREE_FLAGS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def check_resumable(saved_config, current_config, path):
+    diffs = config_differences(saved_config, current_config)
+    if diffs:
+        detail = "; ".join(f"{k}: {saved_config.get(k)!r} -> {current_config.get(k)!r}" for k in diffs[:6])
+        raise CheckpointError(f"--resume: {path} was made with other settings ({detail}); "
+                              "resume with the original flags, or start a new run in another --out")
+
+
+def check_out_dir(out_dir, resume):
+    """Refuse to start a new run on top of another one."""
+    if resume:
+        return
+    leftovers = [name for name in ("checkpoints", "metrics.jsonl", "config.json", "run.json")
+                 if os.path.exists(os.path.join(out_dir, name))]
+    if leftovers:
+        raise CheckpointError(f"--out {out_dir} already holds a run ({', '.join(leftovers)}); "
+                              "pass --resume to continue it, or choose another --out")

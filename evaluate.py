@@ -1,0 +1,144 @@
+"""Evaluate a distilled student against its teacher: perplexity, agreement, size and speed.
+
+    python evaluate.py STUDENT_DIR --teacher TEACHER --valid valid.txt
+
+prints the held-out masked-LM perplexity of both models, how often the student's top-1 prediction
+at a masked position is the teacher's, their parameter counts, and the student's inference speed-up
+over the teacher on the same batch. The masks are fixed (a constant seed, uniform masking), so
+numbers compare across runs and across students. train.py uses the same functions for validation.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from data import DataError, load_corpus, make_batch, make_sequences, mask_spec
+from distil import forward_at_rows
+from student import StudentError, load_teacher, load_tokenizer, usable_positions
+
+VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
+
+
+def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
+    """This rank's share of the validation sequences, in order, with fixed masks."""
+    spec = mask_spec(tokenizer)  # uniform masking even if training uses --mlm-smoothing
+    mine = list(range(rank, len(seqs.starts), world_size))
+    for i in range(0, len(mine), batch_size):
+        yield make_batch(seqs, mine[i:i + batch_size], tokenizer, spec, VALID_MASK_SEED, 0)
+
+
+def to_device(batch, device):
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def masked_lm_sums(model, batches, device, autocast=nullcontext, teacher=None):
+    """Sum of cross-entropies at the masked positions, their count and, given a teacher, how many
+    of the model's top-1 predictions there equal the teacher's. Sums, not means: the caller adds
+    them up over ranks before dividing. Returns a float64 tensor [ce_sum, count, agree]."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = to_device(batch, device)
+        rows = batch["labels"] != -100
+        with autocast():
+            logits, _ = forward_at_rows(model, batch["input_ids"], batch["attention_mask"], rows, False)
+            if teacher is not None:
+                teacher_logits, _ = forward_at_rows(teacher, batch["input_ids"], batch["attention_mask"], rows, False)
+        labels = batch["labels"][rows]
+        sums[0] += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        sums[1] += labels.numel()
+        if teacher is not None:
+            sums[2] += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+    model.train(was_training)
+    return sums
+
+
+def perplexity(ce_sum, count):
+    return math.exp(ce_sum / count) if count else float("nan")
+
+
+@torch.no_grad()
+def inference_ms(model, batch, device, autocast=nullcontext, repeats=5):
+    """Median wall time in ms of a full forward (all positions, as at inference) on `batch`."""
+    model.eval()
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first run warms up
+            times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("student", help="folder of a distilled student (train.py's --out)")
+    p.add_argument("--teacher", required=True, help="the teacher it was distilled from (hub name or folder)")
+    p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache-dir", default=None, help="token cache folder (default: ~/.cache/bert-distil)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+
+    from train import default_cache_dir  # the same cache as training
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    teacher = load_teacher(args.teacher).to(device)
+    student = load_teacher(args.student).to(device)
+    tokenizer = load_tokenizer(teacher, args.teacher)
+    seq_len = min(args.seq_len, usable_positions(teacher), usable_positions(student))
+    corpus = load_corpus(args.valid, tokenizer, args.cache_dir or default_cache_dir(), args.text_column)
+    seqs = make_sequences(corpus, seq_len)
+
+    t_sums = masked_lm_sums(teacher, valid_batches(seqs, tokenizer, args.batch_size), device, autocast)
+    s_sums = masked_lm_sums(student, valid_batches(seqs, tokenizer, args.batch_size), device, autocast, teacher)
+    batch = {k: torch.as_tensor(v).to(device) for k, v in
+             next(valid_batches(seqs, tokenizer, args.batch_size)).items()}
+    t_ms, s_ms = inference_ms(teacher, batch, device, autocast), inference_ms(student, batch, device, autocast)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    result = {
+        "teacher_ppl": perplexity(t_sums[0].item(), t_sums[1].item()),
+        "student_ppl": perplexity(s_sums[0].item(), s_sums[1].item()),
+        "top1_agreement": s_sums[2].item() / max(1.0, s_sums[1].item()),
+        "masked_positions": int(s_sums[1].item()),
+        "teacher_params": n_params(teacher), "student_params": n_params(student),
+        "teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms,
+        "batch": list(batch["input_ids"].shape), "device": str(device), "dtype": args.dtype,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return result
+    r = result
+    print(f"| | teacher | student |\n|---|---|---|\n"
+          f"| held-out MLM perplexity | {r['teacher_ppl']:.2f} | {r['student_ppl']:.2f} |\n"
+          f"| parameters | {r['teacher_params'] / 1e6:.1f}M | {r['student_params'] / 1e6:.1f}M "
+          f"({100 * (1 - r['student_params'] / r['teacher_params']):.0f}% smaller) |\n"
+          f"| forward of a {r['batch'][0]}x{r['batch'][1]} batch ({r['device']}, {r['dtype']}) | "
+          f"{r['teacher_ms']:.1f} ms | {r['student_ms']:.1f} ms ({r['speedup']:.2f}x faster) |\n"
+          f"| top-1 agreement with the teacher at masked positions | | {100 * r['top1_agreement']:.1f}% |\n"
+          f"({r['masked_positions']} masked positions)")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (StudentError, DataError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,185 @@
+"""Build a student from some of a teacher's layers; load teachers and save students in Hugging Face format.
+
+The student is the teacher with fewer encoder layers (DistilBERT, Sanh et al. 2019, section 3):
+same class, same embeddings, same MLM head, and a subset of the layers, copied in order. Nothing
+here names a parameter: the layer list is found from the model's structure, so every BERT-family
+masked LM that transformers has (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA generators, DeBERTa-v2,
+multilingual and domain BERTs) works the same way.
+"""
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+
+class StudentError(ValueError):
+    """A bad teacher, tokenizer or layer choice: the message says what is wrong and how to fix it."""
+
+
+def default_layers(n_teacher_layers):
+    """An evenly spread half of the teacher's layers, first and last included.
+
+    For a 12-layer teacher this is DistilBERT's choice, [0, 2, 4, 7, 9, 11].
+    """
+    k = max(1, n_teacher_layers // 2)
+    if k == 1:
+        return [n_teacher_layers - 1] if n_teacher_layers > 1 else [0]
+    return [round(i * (n_teacher_layers - 1) / (k - 1)) for i in range(k)]
+
+
+def encoder_layers(model):
+    """The model's list of transformer layers: the first ModuleList with one entry per layer."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1:
+            return module
+    raise StudentError(f"cannot find the {n} encoder layers of {type(model).__name__}: "
+                       "is it a BERT-family masked LM?")
+
+
+def check_layers(layers, n_teacher_layers):
+    """Validate a list of teacher layer indices (0-based) and return it as a list of ints."""
+    layers = list(layers)
+    if not layers:
+        raise StudentError("--layers is empty: give at least one teacher layer, e.g. --layers 0,2,4")
+    bad = [i for i in layers if not 0 <= i < n_teacher_layers]
+    if bad:
+        raise StudentError(f"--layers {','.join(map(str, layers))}: layer(s) {bad} out of range; "
+                           f"the teacher has {n_teacher_layers} layers, numbered 0 to {n_teacher_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise StudentError(f"--layers {','.join(map(str, layers))} repeats a layer; give each layer once")
+    return layers
+
+
+def make_student(teacher, layers=None, init="teacher"):
+    """A model of the teacher's class with the teacher's `layers` (in that order).
+
+    init="teacher" copies embeddings, the chosen layers and the MLM head (with its transform);
+    init="random" builds the same shape with fresh weights (the "no teacher initialisation"
+    ablation). The teacher is left untouched.
+    """
+    n = teacher.config.num_hidden_layers
+    layers = check_layers(default_layers(n) if layers is None else layers, n)
+    student = copy.deepcopy(teacher)  # keeps tied weights tied, and any module outside the layer list
+    student_layers = encoder_layers(student)
+    kept = [student_layers[i] for i in layers]
+    for i in reversed(range(n)):
+        del student_layers[i]
+    student_layers.extend(kept)
+    config = student.config
+    config.num_hidden_layers = len(layers)
+    for key, value in list(config.to_dict().items()):  # per-layer settings (e.g. layer_types)
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(config, key, [value[i] for i in layers])
+    if init == "random":
+        student = type(teacher)(config)
+    elif init != "teacher":
+        raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
+    student.train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
+
+
+def usable_positions(model):
+    """How many tokens a sequence may have: RoBERTa-style models number positions from padding_idx + 1."""
+    config = model.config
+    embeddings = getattr(model.base_model, "embeddings", None)
+    offset = embeddings.padding_idx + 1 if getattr(embeddings, "padding_idx", None) is not None else 0
+    return config.max_position_embeddings - offset
+
+
+def _is_local(name_or_path):
+    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
+
+
+def load_teacher(name_or_path):
+    """The teacher as a float32 masked LM in eval mode, frozen; a one-line StudentError if it cannot be one."""
+    if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise StudentError(f"--teacher {name_or_path}: no such folder; pass a folder holding config.json "
+                           "and the weights, or a Hugging Face hub name")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        if _is_local(name_or_path):
+            raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder ({_first_line(e)})")
+        raise StudentError(f"--teacher {name_or_path}: cannot download it from the hub ({_first_line(e)}); "
+                           "offline, pass a local folder with --teacher /path/to/model") from None
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
+        raise StudentError(f"--teacher {name_or_path} is a '{config.model_type}' model, which has no masked-LM "
+                           "class in transformers; pass a masked-LM teacher (BERT, RoBERTa, XLM-R, ...)")
+    # float32 whatever the checkpoint's dtype: autocast does the mixed precision, AdamW needs fp32 masters.
+    model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32,
+                                                       output_loading_info=True)
+    base = model.base_model_prefix + "."
+    head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(base))
+    if head_missing:
+        hint = ""
+        if config.model_type in ("electra", "deberta-v2"):
+            hint = (" (ELECTRA discriminators and DeBERTa-v3 checkpoints are trained for replaced-token "
+                    "detection and have no MLM head; use a generator or a masked-LM checkpoint)")
+        raise StudentError(f"--teacher {name_or_path} has no trained masked-LM head: missing "
+                           f"{', '.join(head_missing[:3])}{', ...' if len(head_missing) > 3 else ''}{hint}; "
+                           "transformers would start it at random, so pass a checkpoint saved as a masked LM")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
+    """The teacher's fast tokenizer (or `tokenizer_path`'s), checked against the teacher's embeddings."""
+    source = tokenizer_path or teacher_path
+    flag = "--tokenizer" if tokenizer_path else "--teacher"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise StudentError(f"{flag} {source}: cannot load a tokenizer ({_first_line(e)}); "
+                           "pass --tokenizer with a folder holding the teacher's tokenizer") from None
+    if not tokenizer.is_fast:
+        raise StudentError(f"{flag} {source}: only a slow (Python) tokenizer is available; "
+                           "save the teacher's fast tokenizer (tokenizer.json) beside it")
+    missing = [name for name in ("mask_token", "pad_token", "cls_token", "sep_token")
+               if getattr(tokenizer, name) is None]
+    if missing:
+        raise StudentError(f"{flag} {source}: the tokenizer has no {', '.join(missing)}; "
+                           "a masked-LM tokenizer needs mask, pad, cls and sep tokens")
+    n_embeddings = teacher.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise StudentError(f"{flag} {source}: the tokenizer has {len(tokenizer)} tokens but the teacher's "
+                           f"embedding matrix only {n_embeddings} rows; use the teacher's own tokenizer")
+    pad_id = teacher.config.pad_token_id
+    if pad_id is not None and tokenizer.pad_token_id != pad_id:
+        raise StudentError(f"{flag} {source}: the tokenizer's pad id is {tokenizer.pad_token_id} but the "
+                           f"teacher's is {pad_id}; use the teacher's own tokenizer")
+    if tokenizer_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
+        own = AutoTokenizer.from_pretrained(teacher_path)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise StudentError(f"--tokenizer {source}: its vocabulary differs from the teacher's own tokenizer "
+                               f"({len(tokenizer)} vs {len(own)} tokens); drop --tokenizer to use the teacher's")
+    return tokenizer
+
+
+def save_student(student, tokenizer, out_dir):
+    """Write the student and its tokenizer so that AutoModelForMaskedLM.from_pretrained(out_dir) loads it.
+
+    Files go to a temporary folder first and are moved in with config.json last, so a crash while
+    saving never leaves a folder that looks like a finished model.
+    """
+    tmp = os.path.join(out_dir, ".saving")
+    os.makedirs(tmp, exist_ok=True)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,391 @@
+"""Distil a BERT-family masked LM into a student made of some of its layers (DistilBERT's recipe).
+
+One process:      python train.py --teacher bert-base-uncased --train corpus.txt --out runs/distil
+One node, 8 GPUs: torchrun --nproc_per_node=8 train.py --config configs/distilbert-base-uncased.json ...
+
+The loop, top to bottom: flags -> distributed setup -> teacher, tokenizer, corpus (all checked
+before anything is written) -> student, DDP, optimizer -> resume -> for each step: fetch the
+micro-batches, agree on the denominators (and on stopping) across ranks, forward/backward each
+micro-batch, clip, step, log, evaluate, checkpoint -> save the student in Hugging Face format.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint
+from data import DataError, batches_per_epoch, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from distil import DistilConfig, count_rows, distil_step, unwrap
+from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
+from student import StudentError, load_teacher, load_tokenizer, make_student, save_student, usable_positions
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bert-distil")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--config", help="JSON file of flag values (keys are flag names); flags on the command line win")
+    # what to distil, on what
+    a("--teacher", help="teacher: a hub name or a local folder holding a masked-LM checkpoint")
+    a("--tokenizer", help="tokenizer folder, if not the teacher's own")
+    a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl")
+    a("--valid", help="held-out corpus for perplexity (same formats)")
+    a("--text-column", default="text", help="column (.csv) or field (.jsonl) holding the text")
+    a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
+    a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
+    # the student
+    a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
+    a("--student-init", default="teacher", choices=["teacher", "random"],
+      help="copy the teacher's weights (the recipe) or start from random ones (ablation)")
+    # data
+    a("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included")
+    a("--no-pack", dest="pack", action="store_false",
+      help="one document per sequence (grouped by length) instead of packing documents together")
+    a("--min-tokens", type=int, default=5, help="drop documents with fewer tokens than this")
+    a("--mlm-prob", type=float, default=0.15, help="fraction of tokens to predict")
+    a("--mlm-smoothing", type=float, default=0.0,
+      help="mask rare tokens more: P(mask) ~ count^-s (0.7 in the original DistilBERT run; 0 = uniform)")
+    # optimisation
+    a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
+    a("--epochs", type=float, default=3.0)
+    a("--lr", type=float, default=5e-4)
+    a("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the learning rate")
+    a("--weight-decay", type=float, default=0.0, help="AdamW decay, on weight matrices only")
+    a("--adam-betas", default="0.9,0.98")
+    a("--adam-eps", type=float, default=1e-6)
+    a("--clip", type=float, default=5.0, help="gradient-norm clipping (0 = off)")
+    # the recipe
+    a("--temperature", type=float, default=2.0)
+    a("--alpha-kd", type=float, default=5.0)
+    a("--alpha-mlm", type=float, default=2.0)
+    a("--alpha-cos", type=float, default=1.0)
+    a("--alpha-mse", type=float, default=0.0)
+    a("--kd-on", default="masked", choices=["all", "masked"],
+      help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
+    # machinery
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action="store_true", help="torch.compile the student")
+    a("--seed", type=int, default=42)
+    a("--eval-every", type=int, default=500)
+    a("--save-every", type=int, default=1000)
+    a("--log-every", type=int, default=10)
+    a("--keep", type=int, default=3, help="checkpoints to keep (the newest)")
+    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    a("--max-bad-steps", type=int, default=10,
+      help="stop after this many consecutive steps with a non-finite loss or gradient")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        try:
+            config = json.load(open(pre.config))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --config {pre.config}: cannot read it as JSON ({e})")
+        known = {action.dest for action in p._actions}
+        config = {k.replace("-", "_"): v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
+        p.set_defaults(**config)
+    args = p.parse_args(argv)
+    for flag in ("teacher", "train", "out"):
+        if not getattr(args, flag):
+            p.error(f"--{flag} is required (on the command line or in --config)")
+    return args
+
+
+def get_lr(step, total_steps, args):
+    """Linear warmup for the first `warmup` fraction of the steps, then linear decay to zero."""
+    warmup_steps = int(args.warmup * total_steps)
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # AMX / AVX512-BF16 CPUs multiply bf16 several times faster than fp32; others gain nothing
+            flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+            name = "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def run_config(args, world_size):
+    """The run's settings as recorded in checkpoints; the global batch stands for its split."""
+    config = {k: v for k, v in vars(args).items()}
+    config["global_batch"] = args.batch_size * args.grad_accum * world_size
+    return config
+
+
+STOP_REQUESTED = False
+
+
+def request_stop(signum, frame):
+    """SIGTERM (what schedulers send before pre-emption) or Ctrl-C: finish the step, checkpoint,
+    exit cleanly. A second Ctrl-C stops at once."""
+    global STOP_REQUESTED
+    if STOP_REQUESTED and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP_REQUESTED = True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
+    transformers.utils.logging.disable_progress_bar()
+
+    # ---- distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ----
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ddp, master = world_size > 1, rank == 0
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = pick_dtype(args.dtype, device)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    # ---- inputs, all checked before anything is written or the process group starts ----
+    check_out_dir(args.out, args.resume)
+    config = run_config(args, world_size)
+    ckpt_path = ckpt = None
+    if args.resume:
+        ckpt_path, ckpt = load_latest(args.out)
+        check_resumable(ckpt["config"], config, ckpt_path)
+    teacher = load_teacher(args.teacher)
+    tokenizer = load_tokenizer(teacher, args.teacher, args.tokenizer)
+    layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
+    max_len = usable_positions(teacher)
+    if args.seq_len > max_len:
+        raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
+                        f"use --seq-len {max_len} or less")
+    cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse, args.kd_on)
+    if not any(w > 0 for w in (cfg.alpha_kd, cfg.alpha_mlm, cfg.alpha_cos, cfg.alpha_mse)):
+        raise DataError("every --alpha-* is 0: turn on at least one loss")
+    # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
+    corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                         progress=master)
+    seqs = make_sequences(corpus, args.seq_len, args.pack)
+    valid_seqs = None
+    if args.valid:
+        valid_seqs = make_sequences(load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column,
+                                                args.min_tokens, progress=master), args.seq_len, args.pack)
+    spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
+    n_batches = batches_per_epoch(len(seqs.starts), args.batch_size, world_size)
+    if n_batches < args.grad_accum:
+        raise DataError(f"{args.train} gives {len(seqs.starts)} sequences of --seq-len {args.seq_len}: too few "
+                        f"for one step of {args.batch_size * args.grad_accum * world_size}; lower --batch-size "
+                        "or --grad-accum, or pass a longer corpus")
+    total_steps = args.max_steps or max(1, int(args.epochs * n_batches / args.grad_accum))
+    student = make_student(teacher, layers, args.student_init).to(device)
+    teacher.to(device)
+    if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
+        teacher.to(dtype)
+
+    model = torch.compile(student) if args.compile else student
+    if ddp:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        # Only the student is wrapped: the teacher has no gradients to synchronise.
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+
+    decay = [p for p in student.parameters() if p.dim() >= 2]  # matrices decay; biases and LayerNorms do not
+    no_decay = [p for p in student.parameters() if p.dim() < 2]
+    betas = tuple(float(b) for b in args.adam_betas.split(","))
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=betas, eps=args.adam_eps, fused=use_cuda)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # ---- resume ----
+    step, teacher_ppl, skipped = 0, None, 0
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, teacher_ppl, skipped = ckpt["step"], ckpt["teacher_ppl"], ckpt["skipped_steps"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+            truncate_metrics(args.out, step)
+        del ckpt
+    last_ckpt = None
+
+    def save(step):
+        nonlocal last_ckpt
+        if master:
+            state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "config": config,
+                     "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "rng_cpu": torch.get_rng_state(),
+                     "data_position": divmod(step * args.grad_accum, n_batches)}
+            last_ckpt = save_checkpoint(state, args.out, args.keep)
+        if ddp:
+            dist.barrier()
+
+    def evaluate(model_to_eval):
+        sums = masked_lm_sums(model_to_eval, valid_batches(valid_seqs, tokenizer, args.batch_size, rank, world_size),
+                              device, autocast)
+        if ddp:
+            dist.all_reduce(sums)
+        return perplexity(sums[0].item(), sums[1].item())
+
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    if valid_seqs is not None and teacher_ppl is None:
+        teacher_ppl = evaluate(teacher)
+        log(args, master, {"step": step, "teacher_ppl": teacher_ppl})
+
+    # ---- the loop ----
+    def micro_batches(micro):
+        """Micro-batches from position `micro` on (epoch after epoch): a pure function of the step."""
+        while True:
+            epoch, i = divmod(micro, n_batches)
+            batches = epoch_batches(seqs, args.batch_size, args.seed, epoch, rank, world_size, not args.pack)
+            for indices in batches[i:]:
+                yield make_batch(seqs, indices, tokenizer, spec, args.seed, epoch)
+            micro += n_batches - i
+
+    stream = micro_batches(step * args.grad_accum)
+    bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
+    sums, n_logged, t_log, tokens_seen, bad_steps = {}, 0, time.time(), 0, 0
+    while step < total_steps:
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
+        # give the gradient of one big batch. The same all_reduce carries the stop flag, so every
+        # rank stops at the same step.
+        counts = [count_rows(b, cfg) for b in micro]
+        stats = torch.tensor([sum(c[k] for c in counts) for k in ("kd", "mlm", "cos")] + [float(STOP_REQUESTED)],
+                             dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(stats)
+        if stats[3].item() > 0:
+            save(step)
+            if master:
+                print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
+            break
+        # DDP averages gradients over ranks, so each rank divides by the global count / world size.
+        denominators = {"kd": stats[0] / world_size, "mlm": stats[1] / world_size, "cos": stats[2] / world_size}
+        lr = get_lr(step, total_steps, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout is seeded from (seed, step, rank): a resumed run replays it with no RNG state.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0]))
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            if ddp:  # synchronise gradients on the last micro-step only; set before the forward
+                model.require_backward_grad_sync = i == len(micro) - 1
+            batch = to_device(batch, device)
+            with autocast():
+                loss, terms = distil_step(model, teacher, batch, cfg, denominators)
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip if args.clip > 0 else float("inf"))
+        if scaler.is_enabled():
+            # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; that is
+            # routine. A non-finite loss is not: the forward itself overflowed.
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped += scaler.get_scale() < scale_before
+            bad = not torch.isfinite(loss_sum).item()
+        else:
+            # bf16/fp32: never step on a NaN. grad_norm is computed from the all-reduced
+            # gradients, so every rank takes the same decision.
+            bad = not (torch.isfinite(loss_sum) & torch.isfinite(grad_norm)).item()
+            if bad:
+                skipped += 1
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bad_steps = bad_steps + 1 if bad else 0
+        if bad_steps >= args.max_bad_steps:
+            where = f"last good checkpoint: {last_ckpt or 'none yet'}"
+            raise FloatingPointError(f"non-finite loss or gradient for {bad_steps} consecutive steps, the last at "
+                                     f"step {step}; {where}; lower --lr, use --dtype bf16/fp32, or check the data")
+        sums["loss"] = sums.get("loss", 0.0) + loss_sum
+        n_logged += 1
+        tokens_seen += int(stats[2].item())
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            values = torch.stack([sums[k] for k in sorted(sums)]).float()
+            if ddp:  # each rank's sum is its share of the global mean; their sum is the mean
+                dist.all_reduce(values)
+            record = {"step": step, **{k: v / n_logged for k, v in zip(sorted(sums), values.tolist())},
+                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / (time.time() - t_log),
+                      "skipped_steps": skipped}
+            if scaler.is_enabled():
+                record["scale"] = scaler.get_scale()
+            log(args, master, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            sums, n_logged, t_log, tokens_seen = {}, 0, time.time(), 0
+        if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
+            log(args, master, {"step": step, "valid_ppl": evaluate(unwrap(model)), "teacher_ppl": teacher_ppl})
+        if step % args.save_every == 0 or step == total_steps:
+            save(step)
+    bar.close()
+
+    if step == total_steps and master:
+        save_student(student, tokenizer, args.out)
+        print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return step
+
+
+def log(args, master, record):
+    """One line of metrics.jsonl per logged step (rank 0 only)."""
+    if not master:
+        return
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if "valid_ppl" in record or "teacher_ppl" in record and len(record) == 2:
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def truncate_metrics(out_dir, step):
+    """Drop metric lines a crashed run wrote after the checkpoint we resume from."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        lines = [line for line in open(path) if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (StudentError, DataError, CheckpointError, FloatingPointError) as e:
+        rank = os.environ.get("RANK")
+        sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
