@@ -32,12 +32,46 @@ def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
     gradient scales as 1/T^2. Multiplying by T^2 keeps the KD term's pull comparable to the
     hard-label MLM term whatever temperature is chosen, so alpha_kd need not be retuned with T.
     The teacher's logits carry no gradient (they should come from a no-grad forward).
+
+    Computed in chunks of rows (see _ChunkedKL): the same numbers as
+    T^2 * F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="sum") / n,
+    without holding several float32 copies of the (rows, V) logits.
     """
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
     n = _rows(student_logits) if denominator is None else denominator
-    return kl * temperature**2 / n
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    return _ChunkedKL.apply(s, t, float(temperature)) * temperature**2 / n
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum_rows KL(softmax(t/T) || softmax(s/T)) and its gradient, one block of rows at a time.
+
+    Autograd through log_softmax and kl_div keeps several float32 (rows, V) tensors alive and runs
+    about a dozen passes over them: with a 30k vocabulary at every position that is gigabytes, and
+    on a CPU it costs more than the whole student forward-backward. Here each block of rows is
+    upcast, softmaxed and differentiated while it sits in cache; the gradient w.r.t. s, which is
+    (p_s - p_t) / T, is written straight into one buffer of the logits' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        rows_per_block = max(1, (1 << 18) // student_logits.shape[-1])  # ~1 MiB of float32 per block
+        grad = torch.empty_like(student_logits) if student_logits.requires_grad else None
+        kl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for i in range(0, student_logits.shape[0], rows_per_block):
+            log_p_s = F.log_softmax(student_logits[i:i + rows_per_block].float() / temperature, dim=-1)
+            log_p_t = F.log_softmax(teacher_logits[i:i + rows_per_block].float() / temperature, dim=-1)
+            p_t = log_p_t.exp()
+            kl += (p_t * (log_p_t - log_p_s)).sum()
+            if grad is not None:
+                grad[i:i + rows_per_block] = (log_p_s.exp() - p_t) / temperature
+        ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_kl.to(grad.dtype), None, None
 
 
 def mlm_loss(student_logits, labels, denominator=None):
@@ -49,9 +83,10 @@ def mlm_loss(student_logits, labels, denominator=None):
     to the number of labelled rows (so the default is the usual mean cross-entropy).
     """
     labels = labels.reshape(-1)
-    total = F.cross_entropy(student_logits.float().reshape(labels.numel(), -1), labels,
-                            ignore_index=-100, reduction="sum")
-    n = (labels != -100).sum() if denominator is None else denominator
+    logits = student_logits.reshape(labels.numel(), -1)
+    labelled = labels != -100  # drop unlabelled rows before the softmax, not after
+    total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
+    n = labelled.sum() if denominator is None else denominator
     return total / n
 
 

@@ -148,3 +148,31 @@ def test_denominator_makes_micro_batches_sum_to_the_big_batch():
     t = torch.randn(10, V)
     assert (kd_loss(s[:3], t[:3], 2.0, 10) + kd_loss(s[3:], t[3:], 2.0, 10)).item() == pytest.approx(
         kd_loss(s, t, 2.0).item(), rel=1e-6)
+
+
+def test_kd_blocks_of_rows_match_the_unchunked_formula():
+    # A vocabulary large enough that the rows are processed in several blocks (8 rows each here).
+    import torch.nn.functional as F
+    s = torch.randn(21, 30000, requires_grad=True)
+    t = torch.randn(21, 30000)
+    T = 2.0
+    reference = T * T * F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                                 reduction="sum") / 21
+    reference.backward()
+    expected_grad = s.grad.clone()
+    s.grad = None
+    loss = kd_loss(s, t, T)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(s.grad, expected_grad, rtol=1e-4, atol=1e-9)
+
+
+def test_kd_gradient_keeps_the_logits_dtype():
+    # Under autocast the logits are bf16 and so is the gradient the head's backward consumes.
+    s_half = torch.randn(N, V).to(torch.bfloat16).requires_grad_()
+    t_half = torch.randn(N, V).to(torch.bfloat16)
+    kd_loss(s_half, t_half, 2.0).backward()
+    s_full = s_half.detach().float().requires_grad_()
+    kd_loss(s_full, t_half.float(), 2.0).backward()
+    assert s_half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s_half.grad.float(), s_full.grad, rtol=1e-2, atol=1e-4)
