@@ -61,7 +61,8 @@ def read_documents(path, text_column="text"):
     kind = os.path.splitext(path)[1].lower()
     line_no = 0
     try:
-        with open(path, encoding="utf-8", newline="" if kind == ".csv" else None) as f:
+        # utf-8-sig: drop the byte-order mark that Excel and Notepad write, or it sticks to the first column name
+        with open(path, encoding="utf-8-sig", newline="" if kind == ".csv" else None) as f:
             if kind == ".txt":
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
@@ -163,16 +164,21 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
             out.write(flat.tobytes())
             lengths.extend(len(x) + 1 for x in ids)
 
-    with open(key + ".tokens.tmp", "wb") as out:
-        texts = []
-        for text, n_bytes in read_documents(path, text_column):
-            texts.append(text)
-            bar.update(n_bytes)
-            if len(texts) == batch_docs:
-                flush(texts, out)
-                texts = []
-        flush(texts, out)
-    bar.close()
+    try:
+        with open(key + ".tokens.tmp", "wb") as out:
+            texts = []
+            for text, n_bytes in read_documents(path, text_column):
+                texts.append(text)
+                bar.update(n_bytes)
+                if len(texts) == batch_docs:
+                    flush(texts, out)
+                    texts = []
+            flush(texts, out)
+    except BaseException:  # bad input found mid-file, or Ctrl-C: leave no half-written file behind
+        os.remove(key + ".tokens.tmp")
+        raise
+    finally:
+        bar.close()
     if n_docs_seen == 0:
         os.remove(key + ".tokens.tmp")
         raise DataError(f"{path} holds no text (only blank lines or empty fields)")
