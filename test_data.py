@@ -1,0 +1,318 @@
+"""The data pipeline: reading the three formats, the token cache, sequences, batches and BERT's masking."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, BertTokenizer
+
+import data
+from conftest import WORDS, write_bert_vocab, write_corpus
+from data import (DataError, collate, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec,
+                  mask_tokens)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_teacher):
+    return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_corpus, tokenizer, tmp_path_factory):
+    return load_corpus(tiny_corpus[0], tokenizer, str(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+def special_ids(tokenizer):
+    return set(tokenizer.all_special_ids)
+
+
+# ---- masking ---------------------------------------------------------------------------------
+
+def test_masking_rates(tokenizer):
+    """15% of the non-special tokens are chosen; of those 80% [MASK], 10% random, 10% unchanged."""
+    spec = mask_spec(tokenizer)
+    rng = np.random.default_rng(0)
+    n_seqs, length = 2000, 64
+    input_ids = rng.choice(spec.random_ids, size=(n_seqs, length))
+    attention_mask = np.ones_like(input_ids)
+    lengths = rng.integers(10, length + 1, n_seqs)
+    for row, n in enumerate(lengths):  # [CLS] text [SEP] text [SEP] [PAD]...
+        input_ids[row, [0, n // 2, n - 1]] = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.sep_token_id]
+        input_ids[row, n:], attention_mask[row, n:] = tokenizer.pad_token_id, 0
+    masked, labels = mask_tokens(input_ids, attention_mask, np.arange(n_seqs), seed=1, epoch=0, spec=spec)
+
+    maskable = (attention_mask == 1) & ~np.isin(input_ids, spec.special_ids)
+    chosen = labels != -100
+    assert not (chosen & ~maskable).any()
+    n_chosen = chosen.sum()
+    # each sequence masks floor(0.15 m + U) tokens: the total is within a few sqrt(n_seqs) of 15%
+    assert abs(n_chosen - 0.15 * maskable.sum()) < 5 * np.sqrt(n_seqs)
+    assert (labels[chosen] == input_ids[chosen]).all()
+    assert (masked[~chosen] == input_ids[~chosen]).all()
+
+    n_random_ids = len(spec.random_ids)  # a random replacement may draw the original token back
+    p_mask, p_random, p_same = 0.8, 0.1 * (1 - 1 / n_random_ids), 0.1 * (1 + 1 / n_random_ids)
+    is_mask = masked[chosen] == tokenizer.mask_token_id
+    is_same = masked[chosen] == input_ids[chosen]
+    is_random = ~is_mask & ~is_same
+    for observed, p in ((is_mask.mean(), p_mask), (is_random.mean(), p_random), (is_same.mean(), p_same)):
+        assert abs(observed - p) < 6 * np.sqrt(p * (1 - p) / n_chosen), (observed, p)
+    # the random replacements are spread over the whole non-special vocabulary
+    assert len(set(masked[chosen][is_random].tolist())) > 0.9 * n_random_ids
+
+
+def test_special_tokens_never_masked_nor_inserted(corpus, tokenizer):
+    seqs = make_sequences(corpus, 24)
+    spec = mask_spec(tokenizer, corpus, smoothing=0.7)
+    specials = np.array(sorted(special_ids(tokenizer)))
+    assert {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id,
+            tokenizer.unk_token_id} <= set(specials.tolist())
+    n_chosen = 0
+    for epoch in range(3):
+        for indices in epoch_batches(seqs, 16, seed=0, epoch=epoch):
+            batch = make_batch(seqs, indices, tokenizer, spec, seed=0, epoch=epoch)
+            original, _ = collate(seqs, indices, tokenizer)
+            chosen = batch["labels"] != -100
+            was_special = np.isin(original, specials)
+            assert was_special[:, 0].all() and (original[:, 0] == tokenizer.cls_token_id).all()
+            assert not (chosen & was_special).any()  # [CLS], inner and final [SEP] are never chosen
+            assert (batch["input_ids"][was_special] == original[was_special]).all()
+            inserted = batch["input_ids"][chosen & (batch["input_ids"] != tokenizer.mask_token_id)]
+            assert not np.isin(inserted, specials).any()
+            n_chosen += chosen.sum()
+    assert n_chosen > 1000
+
+
+def masked_rows(seqs, indices, tokenizer, spec, seed, epoch):
+    """{sequence index: (masked ids, labels)} with the padding cut off."""
+    batch = make_batch(seqs, np.asarray(indices), tokenizer, spec, seed, epoch)
+    n = batch["attention_mask"].sum(1)
+    return {int(i): (batch["input_ids"][r, :n[r]], batch["labels"][r, :n[r]]) for r, i in enumerate(indices)}
+
+
+def test_mask_is_a_pure_function_of_seed_epoch_and_sequence(corpus, tokenizer):
+    seqs = make_sequences(corpus, 32, pack=False)  # unequal lengths: each batch pads differently
+    spec = mask_spec(tokenizer)
+    one_rank = {}
+    for indices in epoch_batches(seqs, 8, seed=3, epoch=1):
+        one_rank.update(masked_rows(seqs, indices, tokenizer, spec, 3, 1))
+    np.random.seed(123)  # no global RNG enters
+    two_ranks = {}
+    for rank in (0, 1):
+        for indices in epoch_batches(seqs, 4, seed=3, epoch=1, rank=rank, world_size=2, group_by_length=True):
+            two_ranks.update(masked_rows(seqs, indices, tokenizer, spec, 3, 1))
+    assert one_rank.keys() == two_ranks.keys() and len(one_rank) > 200
+    for i in one_rank:
+        assert all(np.array_equal(a, b) for a, b in zip(one_rank[i], two_ranks[i])), i
+    alone = masked_rows(seqs, [17], tokenizer, spec, 3, 1)[17]
+    assert all(np.array_equal(a, b) for a, b in zip(alone, one_rank[17]))
+
+    next_epoch = masked_rows(seqs, sorted(one_rank), tokenizer, spec, 3, 2)
+    other_seed = masked_rows(seqs, sorted(one_rank), tokenizer, spec, 4, 1)
+    for other in (next_epoch, other_seed):
+        differ = sum(not np.array_equal(one_rank[i][1], other[i][1]) for i in one_rank)
+        assert differ > 0.9 * len(one_rank)
+
+
+def masking_rate(seqs, tokenizer, spec, token_id, epochs=4):
+    hits = total = 0
+    for epoch in range(epochs):
+        for indices in epoch_batches(seqs, 32, seed=0, epoch=epoch):
+            batch = make_batch(seqs, indices, tokenizer, spec, seed=0, epoch=epoch)
+            original, _ = collate(seqs, indices, tokenizer)
+            is_token = original == token_id if token_id is not None else ~np.isin(original, spec.special_ids)
+            hits += (is_token & (batch["labels"] != -100)).sum()
+            total += is_token.sum()
+    return hits / total
+
+
+def test_mlm_smoothing_masks_rare_tokens_more(tokenizer, tmp_path):
+    rng = np.random.default_rng(0)
+    rare = [w for w in WORDS if w != "the"]
+    with open(tmp_path / "skewed.txt", "w") as f:
+        for _ in range(300):
+            f.write("the the the the " + " ".join(rng.choice(rare, 2)) + "\n")
+    corpus = load_corpus(str(tmp_path / "skewed.txt"), tokenizer, str(tmp_path / "cache"), progress=False)
+    seqs = make_sequences(corpus, 64)
+    the = tokenizer.convert_tokens_to_ids("the")
+    uniform, smoothed = mask_spec(tokenizer, corpus), mask_spec(tokenizer, corpus, smoothing=0.7)
+    # uniform: "the" is masked at the overall rate; smoothed: far less often, and the rest more
+    assert abs(masking_rate(seqs, tokenizer, uniform, the) - 0.15) < 0.02
+    assert masking_rate(seqs, tokenizer, smoothed, the) < 0.05
+    assert abs(masking_rate(seqs, tokenizer, smoothed, None) - 0.15) < 0.01  # the overall rate stays 15%
+
+
+# ---- the cache -------------------------------------------------------------------------------
+
+def cache_state(cache_dir):
+    return {name: (os.stat(os.path.join(cache_dir, name)).st_mtime_ns, os.stat(os.path.join(cache_dir, name)).st_ino)
+            for name in os.listdir(cache_dir) if not name.endswith(".lock")}
+
+
+def test_cache_is_reused(tokenizer, tmp_path, monkeypatch):
+    path = write_corpus(str(tmp_path / "train.txt"), 50)
+    cache = str(tmp_path / "cache")
+    first = load_corpus(path, tokenizer, cache, progress=False)
+    state = cache_state(cache)
+    assert state and not any(name.endswith(".tmp") for name in state)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the corpus was tokenized again")
+    monkeypatch.setattr(data, "_build_cache", no_tokenizing)
+    second = load_corpus(path, tokenizer, cache, progress=False)
+    assert cache_state(cache) == state
+    assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_starts, second.doc_starts)
+
+
+def expected_tokens(tokenizer, documents):
+    return [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]]
+
+
+def test_cache_rebuilt_when_the_file_changes(tokenizer, tmp_path):
+    path, cache = tmp_path / "train.txt", str(tmp_path / "cache")
+    path.write_text("the cat sat on a mat\nthe dog ran to the park\n")
+    assert load_corpus(str(path), tokenizer, cache, progress=False).tokens.tolist() == \
+        expected_tokens(tokenizer, ["the cat sat on a mat", "the dog ran to the park"])
+    stat = os.stat(path)
+    path.write_text("the cat sat on a mat\nthe big ran to the park\n")  # same size...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))           # ...and same modification time
+    assert load_corpus(str(path), tokenizer, cache, progress=False).tokens.tolist() == \
+        expected_tokens(tokenizer, ["the cat sat on a mat", "the big ran to the park"])
+
+
+def test_cache_rebuilt_when_the_tokenizer_changes(tokenizer, tmp_path):
+    path, cache = tmp_path / "train.txt", str(tmp_path / "cache")
+    path.write_text("the cat sat on a mat\n")
+    before = load_corpus(str(path), tokenizer, cache, progress=False)
+    write_bert_vocab(str(tmp_path / "vocab.txt"), [w for w in WORDS if w != "cat"])
+    other = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))  # "cat" becomes c ##a ##t
+    after = load_corpus(str(path), other, cache, progress=False)
+    assert after.tokens.tolist() == expected_tokens(other, ["the cat sat on a mat"])
+    assert len(after.tokens) == len(before.tokens) + 2
+    assert load_corpus(str(path), tokenizer, cache, progress=False).tokens.tolist() == before.tokens.tolist()
+
+
+def test_seq_len_cuts_the_cached_documents_anew(corpus):
+    stream = np.asarray(corpus.tokens)
+    for seq_len in (16, 40):
+        seqs = make_sequences(corpus, seq_len)
+        assert seqs.lengths.max() == seq_len - 2
+        content = np.concatenate([stream[s:s + n] for s, n in zip(seqs.starts, seqs.lengths)])
+        assert np.array_equal(content, stream)
+    assert len(make_sequences(corpus, 16).starts) > len(make_sequences(corpus, 40).starts)
+
+
+def test_uint16_cache_for_a_small_vocabulary(corpus, tokenizer):
+    assert corpus.tokens.dtype == np.uint16
+    assert int(corpus.tokens.max()) < len(tokenizer)
+
+
+# ---- formats and sequences -------------------------------------------------------------------
+
+DOCS = ["the cat sat on a mat, and the dog ran.", 'the old man said "every day" to a bird',
+        "a small green park near the river", "blue sky"]
+
+
+def test_three_formats_give_the_same_tokens(tokenizer, tmp_path):
+    (tmp_path / "c.txt").write_text("\n".join(DOCS) + "\n\n")
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, doc] for i, doc in enumerate(DOCS))
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["body", "label"])
+        writer.writerows([doc, i] for i, doc in enumerate(DOCS))
+    with open(tmp_path / "c.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": i, "text": doc}) + "\n" for i, doc in enumerate(DOCS))
+    with open(tmp_path / "bom.csv", "w", encoding="utf-8-sig", newline="") as f:  # as Excel writes it
+        f.write("text,id\n" + "".join(f'"{doc.replace(chr(34), 2 * chr(34))}",{i}\n' for i, doc in enumerate(DOCS)))
+    with open(tmp_path / "bom.jsonl", "w", encoding="utf-8-sig") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in DOCS)
+    cache = str(tmp_path / "cache")
+    expected = expected_tokens(tokenizer, DOCS)
+    for name, column in (("c.txt", "text"), ("c.csv", "text"), ("other.csv", "body"), ("c.jsonl", "text"),
+                         ("bom.csv", "text"), ("bom.jsonl", "text")):
+        corpus = load_corpus(str(tmp_path / name), tokenizer, cache, text_column=column, progress=False)
+        assert corpus.tokens.tolist() == expected, name
+        assert len(corpus.doc_starts) == len(DOCS) + 1, name
+
+
+def test_long_document_split_without_packing(tokenizer, tmp_path):
+    long_doc = " ".join(WORDS * 3)
+    (tmp_path / "long.txt").write_text(f"the cat sat\n{long_doc}\nthe dog ran\n")
+    corpus = load_corpus(str(tmp_path / "long.txt"), tokenizer, str(tmp_path / "cache"), progress=False)
+    seq_len = 16
+    seqs = make_sequences(corpus, seq_len, pack=False)
+    long_ids = tokenizer(long_doc, add_special_tokens=False)["input_ids"]
+    assert len(seqs.starts) == 2 + -(-len(long_ids) // (seq_len - 2))
+    input_ids, attention_mask = collate(seqs, np.arange(len(seqs.starts)), tokenizer)
+    pieces = []
+    for row, mask in zip(input_ids, attention_mask):
+        n = mask.sum()
+        assert n <= seq_len and row[0] == tokenizer.cls_token_id and row[n - 1] == tokenizer.sep_token_id
+        assert (row[n:] == tokenizer.pad_token_id).all()
+        assert tokenizer.sep_token_id not in row[1:n - 1]  # one document per sequence
+        pieces.append(row[1:n - 1].tolist())
+    assert pieces[0] == tokenizer("the cat sat", add_special_tokens=False)["input_ids"]
+    assert sum(pieces[1:-1], []) == long_ids
+    assert pieces[-1] == tokenizer("the dog ran", add_special_tokens=False)["input_ids"]
+
+
+def test_packing_fills_every_sequence_but_the_last(corpus, tokenizer):
+    seq_len = 24
+    seqs = make_sequences(corpus, seq_len)
+    input_ids, attention_mask = collate(seqs, np.arange(len(seqs.starts)), tokenizer)
+    n = attention_mask.sum(1)
+    assert (n[:-1] == seq_len).all() and 3 <= n[-1] <= seq_len
+    assert (input_ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (input_ids[np.arange(len(n)), n - 1] == tokenizer.sep_token_id).all()
+    assert input_ids.shape[1] == seq_len
+
+
+def test_rank_shards_together_make_the_one_rank_batches(corpus):
+    seqs = make_sequences(corpus, 16)
+    for epoch in (0, 1):
+        one = epoch_batches(seqs, 8, seed=5, epoch=epoch)
+        shards = [epoch_batches(seqs, 4, seed=5, epoch=epoch, rank=r, world_size=2) for r in (0, 1)]
+        assert len(one) == len(shards[0]) == len(shards[1]) > 10
+        for b in range(len(one)):
+            assert sorted(np.concatenate([shards[0][b], shards[1][b]]).tolist()) == sorted(one[b].tolist())
+        assert not set(np.concatenate(shards[0]).tolist()) & set(np.concatenate(shards[1]).tolist())
+    first, second = epoch_batches(seqs, 8, seed=5, epoch=0), epoch_batches(seqs, 8, seed=5, epoch=1)
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))  # reshuffled every epoch
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "missing": (None, "no such file"),
+    "empty": (b"", "is empty"),
+    "blank": (b"\n  \n\n", "holds no text"),
+    "binary": (b"the cat\x00\x01\x02 sat\n", "binary"),
+    "latin1": ("the caf\u00e9 sat\n".encode("latin-1"), "not UTF-8"),
+    "nocolumn": (b"body,label\nthe cat sat,1\n", "no column 'text'"),
+    "badjson": (b'{"text": "the cat"}\n{"text": "a dog"}\n{"text": oops}\n', "line 3"),
+    "nofield": (b'{"text": "the cat"}\n{"body": "a dog"}\n', "line 2 has no string field 'text'"),
+    "short": (b"the cat\nthe dog\n", "shorter than --min-tokens"),
+    "parquet": (b"PAR1", "unsupported"),
+}
+EXTENSIONS = {"nocolumn": ".csv", "badjson": ".jsonl", "nofield": ".jsonl", "parquet": ".parquet"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_data_error(case, tokenizer, tmp_path):
+    content, words = BAD_INPUTS[case]
+    path = tmp_path / f"{case}{EXTENSIONS.get(case, '.txt')}"
+    if content is not None:
+        path.write_bytes(content)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        load_corpus(str(path), tokenizer, str(cache), min_tokens=10 if case == "short" else 1, progress=False)
+    message = str(info.value)
+    assert words in message and path.name in message and "\n" not in message, message
+    # nothing that a later run could take for a finished cache, and no half-written files
+    left = [name for name in os.listdir(cache) if not name.endswith(".lock")] if cache.exists() else []
+    assert left == [], left
