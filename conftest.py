@@ -61,3 +61,10 @@ def tiny_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     return (write_corpus(str(folder / "train.txt"), 300, seed=1),
             write_corpus(str(folder / "valid.txt"), 40, seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_no_dropout(tmp_path_factory):
+    """The tiny teacher with dropout 0 (the student inherits it): runs that are compared are deterministic."""
+    return make_bert_teacher(str(tmp_path_factory.mktemp("teacher_no_dropout")), hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)
