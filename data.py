@@ -2,7 +2,8 @@
 
 The pipeline, top to bottom:
 1. `read_documents` yields one document per line of a .txt, per row of a .csv (a text column),
-   or per line of a .jsonl (a text field), and turns bad input into one-line `DataError`s.
+   per line of a .jsonl (a text field) or per row of a Hugging Face dataset (a saved folder or a
+   Hub name), and turns bad input into one-line `DataError`s.
 2. `load_corpus` tokenizes the documents once, in batches, with the teacher's fast tokenizer and
    caches the ids as a flat numpy array (uint16 where the vocabulary fits), each document followed
    by one separator token. The cache is keyed on the file, the tokenizer and the reading options,
@@ -41,7 +42,10 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 def check_corpus_file(path):
-    """Fail early, in one line, on a missing, empty, binary or unsupported file."""
+    """Fail early, in one line, on a missing, empty, binary or unsupported file (or dataset)."""
+    if is_dataset(path):
+        open_dataset(path)
+        return
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; pass an existing .txt, .csv or .jsonl corpus")
     if os.path.splitext(path)[1].lower() not in (".txt", ".csv", ".jsonl"):
@@ -56,7 +60,10 @@ def check_corpus_file(path):
 
 
 def read_documents(path, text_column="text"):
-    """Yield (document text, bytes read so far) from a .txt, .csv or .jsonl corpus."""
+    """Yield (document text, bytes read so far) from a .txt, .csv or .jsonl corpus (or a dataset)."""
+    if is_dataset(path):
+        yield from read_dataset_documents(path, text_column)
+        return
     check_corpus_file(path)
     kind = os.path.splitext(path)[1].lower()
     line_no = 0
@@ -101,6 +108,67 @@ def read_documents(path, text_column="text"):
         raise DataError(f"{path} line {line_no + 1}: malformed CSV ({e}); fix the quoting or use .jsonl") from None
 
 
+# Hugging Face datasets (optional: `pip install datasets`): a folder written by save_to_disk, or a
+# Hub name NAME[:CONFIG[:SPLIT]] (split "train" by default). They go into the same token cache as
+# files, so sharding, masks and resume cannot tell the difference.
+
+def is_dataset(path):
+    """A saved dataset folder, or a name that is neither a local path nor a corpus file's name."""
+    if os.path.isdir(path):
+        return any(os.path.exists(os.path.join(path, name))
+                   for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
+    return not (os.path.exists(path) or path.startswith((".", "/", "~"))
+                or os.path.splitext(path)[1].lower() in (".txt", ".csv", ".jsonl"))
+
+
+def open_dataset(path):
+    """The datasets.Dataset that `path` names, or a one-line DataError."""
+    try:
+        import datasets
+    except ImportError:
+        what = "is a saved Hugging Face dataset" if os.path.isdir(path) else \
+            "is no file; to read it as a Hugging Face dataset name"
+        raise DataError(f"{path} {what}, install the datasets package: pip install datasets") from None
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")):
+            splits = json.load(open(os.path.join(path, "dataset_dict.json")))["splits"]
+            raise DataError(f"{path} holds the splits {', '.join(splits)}; pass one of them, "
+                            f"e.g. {os.path.join(path, splits[0])}")
+        return datasets.load_from_disk(path)
+    name, config, split = (path.split(":") + ["", ""])[:3]
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # offline, unknown name, missing config: all say the same thing to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: cannot load it as a Hugging Face dataset ({reason}); offline, run "
+                        "load_dataset(...).save_to_disk(FOLDER) where the Hub is reachable and pass the folder, "
+                        "or pass a .txt, .csv or .jsonl file") from None
+
+
+def dataset_fingerprint(path):
+    """The names, sizes and modification times of the dataset's arrow files (and a saved
+    folder's state.json, which holds the fingerprint datasets computed for its content)."""
+    files = [c["filename"] for c in open_dataset(path).cache_files]
+    state = os.path.join(path, "state.json")
+    return json.dumps([open(state).read() if os.path.isfile(state) else path] +
+                      [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+
+
+def read_dataset_documents(path, text_column="text"):
+    """Yield (document text, its length) for each row of a dataset's text column."""
+    dataset = open_dataset(path)
+    if text_column not in dataset.column_names:
+        raise DataError(f"{path} has no column '{text_column}' (columns: {', '.join(dataset.column_names)}); "
+                        "pass --text-column with the name of the text column")
+    if getattr(dataset.features[text_column], "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{path}: column '{text_column}' holds {dataset.features[text_column]}, not text; "
+                        "pass --text-column with the name of the text column")
+    for batch in dataset.select_columns([text_column]).iter(batch_size=1000):
+        for text in batch[text_column]:
+            if text and text.strip():
+                yield text.strip(), len(text) + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Tokenizing once, into a cache
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +182,11 @@ class Corpus:
 
 def _fingerprint(path, tokenizer, text_column, min_tokens):
     """A key that changes when the file, the tokenizer or the reading options change."""
+    if is_dataset(path):  # its arrow files (names, sizes, times) stand for the file's bytes
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, dataset_fingerprint(path), text_column, min_tokens,
+                                       tokenizer.sep_token_id]).encode())
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+        return h.hexdigest()[:20]
     stat = os.stat(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:  # size and mtime can survive an edit (cp -p): hash both ends too
@@ -150,7 +223,7 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
     sep = tokenizer.sep_token_id
     lengths, n_docs_seen = [], 0
-    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress,
+    bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr)
 
     def flush(texts, out):
