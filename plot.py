@@ -1,0 +1,79 @@
+"""Plot a run: the loss terms and the validation perplexity from OUT/metrics.jsonl into OUT/metrics.png.
+
+    python plot.py runs/distil            # writes runs/distil/metrics.png
+    python plot.py runs/a runs/b -o cmp.png   # several runs on the same axes
+
+Needs matplotlib (pip install matplotlib); nothing else in the project does.
+"""
+
+import argparse
+import json
+import os
+
+LOSS_TERMS = ("loss", "kd", "mlm", "cos", "mse")
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such file; pass the --out folder of a train.py run")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(records, name):
+    """(steps, values) of every record that has `name`."""
+    points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot(out_dirs, png_path):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plot.py needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed on a GPU node
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for out_dir in out_dirs:
+        records = read_metrics(out_dir)
+        prefix = f"{os.path.basename(os.path.normpath(out_dir))}: " if len(out_dirs) > 1 else ""
+        for name in LOSS_TERMS:
+            steps, values = series(records, name)
+            if steps:
+                ax_loss.plot(steps, values, label=prefix + name, lw=2 if name == "loss" else 1)
+        steps, values = series(records, "valid_ppl")
+        if steps:
+            ax_ppl.plot(steps, values, marker="o", label=prefix + "student")
+        _, teacher = series(records, "teacher_ppl")
+        if teacher:  # measured once, at the start: a level to approach
+            ax_ppl.axhline(teacher[-1], ls="--", color="gray", label=prefix + "teacher")
+    # The terms differ by orders of magnitude (KD starts large, cosine is below 1): log scale.
+    ax_loss.set(xlabel="step", ylabel="training loss (per term)", yscale="log", title="loss terms")
+    ax_ppl.set(xlabel="step", ylabel="masked-LM perplexity", yscale="log", title="validation perplexity")
+    ax_ppl.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 65, not 6.5x10^1
+    ax_ppl.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="--out folder(s) of train.py runs")
+    p.add_argument("-o", "--output", help="PNG to write (default: OUT_DIR/metrics.png of the first run)")
+    args = p.parse_args(argv)
+    png = plot(args.out_dirs, args.output or os.path.join(args.out_dirs[0], "metrics.png"))
+    print(f"wrote {png}")
+    return png
+
+
+if __name__ == "__main__":
+    main()
