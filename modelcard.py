@@ -1,0 +1,162 @@
+"""The output folder's README.md in the Hugging Face model-card format, and --push-to-hub.
+
+train.py calls `write_model_card` after saving the student, so every finished run documents
+itself: a YAML header the Hub reads (library, pipeline, base model, language, license, tags) and
+a body that states how the student was made (recipe, layers, losses and weights, data, steps,
+batch) and how good it is (held-out perplexity of student and teacher). `push_to_hub` is a thin
+call to huggingface_hub's own create_repo and upload_folder. huggingface_hub comes with
+transformers, but is imported only here, only when asked.
+"""
+
+import os
+
+
+class HubError(RuntimeError):
+    """The upload failed; the message says where the student is and how to push it by hand."""
+
+
+def _is_local(name_or_path):
+    return os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+
+
+def teacher_card_metadata(teacher_name_or_path):
+    """The teacher's model-card header as a dict (language, license, ...), or {} when it has none
+    or the Hub cannot be reached: a missing card never stops the run."""
+    from huggingface_hub import ModelCard
+
+    source = teacher_name_or_path
+    if _is_local(source):
+        source = os.path.join(os.path.expanduser(source), "README.md")
+        if not os.path.isfile(source):
+            return {}
+    try:
+        return ModelCard.load(source, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # offline, no card, a malformed card: the header then just says less
+        return {}
+
+
+def _source_name(source):
+    """A corpus as the card names it: a file's name (not the user's local path), or a dataset name."""
+    return os.path.basename(os.path.normpath(source)) if _is_local(source) else source
+
+
+def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_ppl, teacher_ppl):
+    """The text of README.md.
+
+    run: train.py's run configuration (its flags, plus global_batch); teacher, student: the
+    models; layers: the teacher layers kept, in order; steps: optimizer steps done; corpora:
+    {"train": (source, n_tokens), "valid": (source, n_tokens)}; valid_ppl, teacher_ppl: final
+    held-out masked-LM perplexities (None without --valid).
+    """
+    from huggingface_hub import ModelCardData
+
+    teacher_name = run["teacher"]
+    local_teacher = _is_local(teacher_name)
+    known = teacher_card_metadata(teacher_name)
+    language = run.get("language") or known.get("language")
+    if isinstance(language, str) and "," in language:
+        language = [code.strip() for code in language.split(",") if code.strip()]
+    hub_datasets = sorted({src.split(":")[0] for src, _ in corpora.values() if src and not _is_local(src)})
+    header = ModelCardData(
+        library_name="transformers", pipeline_tag="fill-mask",
+        # The Hub reads base_model as a Hub model id: a local folder's path would be a broken link.
+        base_model=None if local_teacher else teacher_name,
+        language=language, license=known.get("license"), datasets=hub_datasets or None,
+        tags=["distillation", "distilbert-recipe", teacher.config.model_type])
+
+    def n_params(model):
+        n = sum(p.numel() for p in model.parameters())
+        return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+    weights = [(run["alpha_kd"], "KD"), (run["alpha_mlm"], "MLM"), (run["alpha_cos"], "COS"), (run["alpha_mse"], "MSE")]
+    loss = " + ".join(f"{w:g}·{name}" for w, name in weights if w > 0)
+    kd_on = "every non-padding position" if run["kd_on"] == "all" else "the masked positions only"
+    init = (f"teacher layers {', '.join(map(str, layers))} (of {teacher.config.num_hidden_layers}), with the "
+            "teacher's embeddings and masked-LM head" if run.get("student_init", "teacher") == "teacher"
+            else f"random weights in the shape of {len(layers)} teacher layers (no teacher initialisation)")
+    teacher_ref = f"a local `{_source_name(teacher_name)}` checkpoint" if local_teacher else \
+        f"[{teacher_name}](https://huggingface.co/{teacher_name})"
+    ppl = lambda x: "–" if x is None else f"{x:.2f}"
+    data = "\n".join(f"  - {split}: `{_source_name(src)}`, {n_tokens:,} tokens" for split, (src, n_tokens)
+                     in corpora.items() if src)
+    smoothing = f", rare tokens favoured (P ∝ count^-{run['mlm_smoothing']:g})" if run.get("mlm_smoothing") else ""
+    name = run.get("push_to_hub") or os.path.basename(os.path.normpath(run["out"]))
+    body = f"""
+# {name}
+
+A {len(layers)}-layer student distilled from {teacher_ref} with the DistilBERT recipe
+(Sanh et al., 2019): it was trained to reproduce the teacher's output distribution and hidden
+states while learning the masked-language-modelling task.
+
+| | teacher | student |
+|---|---|---|
+| layers | {teacher.config.num_hidden_layers} | {len(layers)} |
+| hidden size | {teacher.config.hidden_size} | {student.config.hidden_size} |
+| parameters | {n_params(teacher)} | {n_params(student)} |
+| held-out masked-LM perplexity | {ppl(teacher_ppl)} | {ppl(valid_ppl)} |
+
+## Training
+
+- Student initialised from {init}.
+- Loss = {loss}, where KD = T²·KL(softmax(teacher/T) ‖ softmax(student/T)) at temperature
+  T = {run['temperature']:g}, over {kd_on}; MLM = cross-entropy at the masked positions, COS = 1 − cosine
+  between the last hidden states{', MSE = squared error between the logits' if run['alpha_mse'] > 0 else ''}.
+- Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% [MASK], 10% random, 10% unchanged){smoothing}.
+- {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run['seq_len']} tokens
+  ({'packed' if run.get('pack', True) else 'one document each'}); AdamW, peak learning rate {run['lr']:g},
+  betas ({run['adam_betas']}), eps {run['adam_eps']:g}, weight decay {run['weight_decay']:g},
+  {100 * run['warmup']:g}% linear warmup then linear decay, gradient clipping at {run['clip']:g}, seed {run['seed']}.
+- Data:
+{data}
+
+Perplexity is exp(mean cross-entropy) at 15% uniformly masked positions of the validation set,
+with masks fixed by a constant seed, so it compares across runs.
+
+## How to use
+
+```python
+from transformers import pipeline
+fill = pipeline("fill-mask", model="{name}")
+print(fill("The capital of France is {mask_token}."))
+```
+
+To fine-tune it, load it like any BERT-family encoder:
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForSequenceClassification.from_pretrained("{name}", num_labels=2)
+```
+"""
+    return f"---\n{header.to_yaml()}\n---\n{body}"
+
+
+def write_model_card(out_dir, run, teacher, student, mask_token, layers, steps, corpora, valid_ppl, teacher_ppl):
+    """Write OUT/README.md (see model_card for the arguments); returns its path."""
+    path = os.path.join(out_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_ppl, teacher_ppl))
+    return path
+
+
+# What a training run leaves in OUT that does not belong in a model repository.
+NOT_PUBLISHED = ["checkpoints/*", ".saving/*", "wandb/*", "wandb-run-id"]
+
+
+def push_to_hub(out_dir, repo_id):
+    """Create (if needed) the Hub model repository `repo_id` and upload the student's folder to it:
+    weights, tokenizer, README.md, metrics.jsonl, run.json and the TensorBoard logs (the Hub shows
+    them as training metrics), not the checkpoints."""
+    try:
+        from huggingface_hub import create_repo, upload_folder
+    except ImportError:
+        raise HubError("--push-to-hub needs the huggingface_hub package: pip install huggingface_hub") from None
+    try:
+        create_repo(repo_id, exist_ok=True)
+        return upload_folder(repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_PUBLISHED,
+                             commit_message="Distilled student from bert-distil")
+    except Exception as e:  # no token, offline, no rights: the student is saved, say how to push it later
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HubError(f"--push-to-hub {repo_id}: upload failed ({reason}); the student is saved in {out_dir}; "
+                       f"log in with `hf auth login`, then run: hf upload {repo_id} {out_dir} "
+                       "--exclude 'checkpoints/*'") from None
