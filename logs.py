@@ -51,12 +51,12 @@ def open_loggers(spec, out_dir, config=None, start_step=0, wandb_project=None):
         else:
             import wandb
             id_file = os.path.join(out_dir, "wandb-run-id")
-            run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
-            with open(id_file, "w") as f:
-                f.write(run_id)
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
             run = wandb.init(project=wandb_project or os.environ.get("WANDB_PROJECT", "bert-distil"),
                              name=os.path.basename(os.path.abspath(out_dir)), id=run_id, resume="allow",
                              dir=out_dir, config=config)
+            with open(id_file, "w") as f:
+                f.write(run.id)
             loggers.append((name, run))
     return loggers
 

@@ -108,6 +108,32 @@ def test_log_spec_errors_are_one_line_with_the_fix(monkeypatch):
     assert "pip install wandb" in single_line(e.value)
 
 
+def test_wandb_offline_run_receives_the_metrics_and_is_resumed(tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+                        "WANDB_CACHE_DIR": str(tmp_path / "cache"), "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+        monkeypatch.setenv(name, value)
+    records = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
+    loggers = logs.open_loggers("wandb", str(tmp_path), config={"alpha_kd": 5.0})
+    run = loggers[0][1]
+    for record in records:
+        logs.write_metrics(loggers, record)
+    # W&B commits a step's values when a later step arrives: every step but the last is in the summary
+    last_step = records[-1]["step"]
+    expected = {}
+    for record in records:
+        if record["step"] < last_step:
+            expected.update({k: v for k, v in record.items() if k != "step"})
+    summary = dict(run.summary)
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    assert run.config["alpha_kd"] == 5.0
+    logs.close_loggers(loggers)
+    assert open(tmp_path / "wandb-run-id").read() == run.id
+    resumed = logs.open_loggers("wandb", str(tmp_path), start_step=last_step)
+    assert resumed[0][1].id == run.id  # --resume continues the same W&B run
+    logs.close_loggers(resumed)
+
+
 # ---- plot ----------------------------------------------------------------------------------
 
 def test_plot_writes_a_png_of_the_run(tiny_run):
