@@ -224,7 +224,7 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     sep = tokenizer.sep_token_id
     lengths, n_docs_seen = [], 0
     bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True, disable=not progress,
-               desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr)
+               desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr, delay=1)  # quiet if quick
 
     def flush(texts, out):
         nonlocal n_docs_seen
@@ -249,6 +249,7 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
             flush(texts, out)
     except BaseException:  # bad input found mid-file, or Ctrl-C: leave no half-written file behind
         os.remove(key + ".tokens.tmp")
+        bar.leave = False  # and no half-drawn bar above the one-line error
         raise
     finally:
         bar.close()
