@@ -38,20 +38,22 @@ def check_log_spec(spec):
 def open_loggers(spec, out_dir, config=None, start_step=0, wandb_project=None):
     """Open the backends of `spec` for the run in `out_dir`; returns a list of (name, handle).
 
-    start_step > 0 is a resumed run: TensorBoard then hides what the interrupted run logged after
-    that step (as train.py truncates metrics.jsonl), and W&B continues the same run, whose id is
-    kept in OUT/wandb-run-id.
+    start_step is where the run starts (a resumed run: its checkpoint's step). TensorBoard hides
+    what the folder holds from that step on, as train.py truncates metrics.jsonl: what an
+    interrupted run logged after its checkpoint, or all of an earlier run's logs in a reused
+    folder. W&B continues a resumed run under its id, kept in OUT/wandb-run-id; a new run gets a
+    new id.
     """
     loggers = []
     for name in check_log_spec(spec):
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step or None)
+            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step)
             loggers.append((name, writer))
         else:
             import wandb
             id_file = os.path.join(out_dir, "wandb-run-id")
-            run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
+            run_id = open(id_file).read().strip() if start_step and os.path.exists(id_file) else None
             run = wandb.init(project=wandb_project or os.environ.get("WANDB_PROJECT", "bert-distil"),
                              name=os.path.basename(os.path.abspath(out_dir)), id=run_id, resume="allow",
                              dir=out_dir, config=config)

@@ -132,6 +132,9 @@ def test_wandb_offline_run_receives_the_metrics_and_is_resumed(tiny_run, tmp_pat
     resumed = logs.open_loggers("wandb", str(tmp_path), start_step=last_step)
     assert resumed[0][1].id == run.id  # --resume continues the same W&B run
     logs.close_loggers(resumed)
+    fresh = logs.open_loggers("wandb", str(tmp_path))  # a new run in the same folder is a new W&B run
+    assert fresh[0][1].id != run.id
+    logs.close_loggers(fresh)
 
 
 # ---- plot ----------------------------------------------------------------------------------
