@@ -113,8 +113,12 @@ def load_teacher(name_or_path):
         raise StudentError(f"--teacher {name_or_path} is a '{config.model_type}' model, which has no masked-LM "
                            "class in transformers; pass a masked-LM teacher (BERT, RoBERTa, XLM-R, ...)")
     # float32 whatever the checkpoint's dtype: autocast does the mixed precision, AdamW needs fp32 masters.
-    model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32,
-                                                       output_loading_info=True)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32,
+                                                           output_loading_info=True)
+    except Exception as e:  # no weights, or a truncated/corrupt file (safetensors raises its own error type)
+        raise StudentError(f"--teacher {name_or_path}: cannot load its weights ({_first_line(e)}); "
+                           "pass a folder holding config.json and model.safetensors (or pytorch_model.bin)") from None
     base = model.base_model_prefix + "."
     head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(base))
     if head_missing:
