@@ -19,6 +19,7 @@ epoch, and each sequence's mask. No global RNG, rank or worker enters, so a resu
 same data on another number of GPUs, sees the same masks.
 """
 
+import copy
 import csv
 import fcntl
 import hashlib
@@ -180,12 +181,22 @@ class Corpus:
     path: str
 
 
+def _plain_backend(tokenizer):
+    """The tokenizer's backend without padding or truncation. A fast tokenizer keeps the padding and
+    truncation of its last call (tokenizer(texts, padding=True, ...)) in its backend, where they
+    would pad or cut every document tokenized here."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 def _fingerprint(path, tokenizer, text_column, min_tokens):
     """A key that changes when the file, the tokenizer or the reading options change."""
     if is_dataset(path):  # its arrow files (names, sizes, times) stand for the file's bytes
         h = hashlib.sha256(json.dumps([CACHE_VERSION, dataset_fingerprint(path), text_column, min_tokens,
                                        tokenizer.sep_token_id]).encode())
-        h.update(tokenizer.backend_tokenizer.to_str().encode())
+        h.update(_plain_backend(tokenizer).to_str().encode())
         return h.hexdigest()[:20]
     stat = os.stat(path)
     h = hashlib.sha256()
@@ -195,7 +206,7 @@ def _fingerprint(path, tokenizer, text_column, min_tokens):
         h.update(f.read(1 << 20))
     h.update(json.dumps([CACHE_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
                          text_column, min_tokens, tokenizer.sep_token_id]).encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(_plain_backend(tokenizer).to_str().encode())
     return h.hexdigest()[:20]
 
 
@@ -222,6 +233,7 @@ def load_corpus(path, tokenizer, cache_dir, text_column="text", min_tokens=1, ba
 def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress):
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
     sep = tokenizer.sep_token_id
+    backend = _plain_backend(tokenizer)
     lengths, n_docs_seen = [], 0
     bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr, delay=1)  # quiet if quick
@@ -229,7 +241,7 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     def flush(texts, out):
         nonlocal n_docs_seen
         n_docs_seen += len(texts)
-        ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         ids = [x for x in ids if len(x) >= min_tokens]
         if ids:
             flat = np.fromiter((t for x in ids for t in (*x, sep)), dtype=dtype,

@@ -1,0 +1,380 @@
+"""Every teacher family, end to end: tiny random masked LMs with their own kind of tokenizer.
+
+For each family (BERT uncased, cased and multilingual WordPiece; RoBERTa byte-level BPE; XLM-R and
+CamemBERT SentencePiece-style Unigram; ELECTRA generator; DeBERTa-v2 with both MLM heads) a
+4-layer teacher is built from its config and a tokenizer trained here, offline, and saved as a
+Hugging Face folder. Then: a student with all layers is the teacher; a subset student saves and
+reloads as the same class with the same logits; the data pipeline frames sequences with the
+tokenizer's own special tokens and never masks them; a distillation step gives finite losses
+and gradients; and `python train.py` runs and writes a folder AutoModelForMaskedLM loads.
+ELECTRA discriminators and DeBERTa-v2 folders without an MLM head are refused in one line.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer,
+                          CamembertConfig, CamembertForMaskedLM, CamembertTokenizer, DebertaV2Config,
+                          DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer, ElectraConfig, ElectraForMaskedLM,
+                          ElectraForPreTraining, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, XLMRobertaConfig,
+                          XLMRobertaForMaskedLM, XLMRobertaTokenizer)
+
+import train
+from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
+from distil import DistilConfig, distil_step
+from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_student, save_student,
+                     usable_positions)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_LAYERS, HIDDEN, HEADS, POSITIONS = 4, 32, 2, 64
+
+ENGLISH = ("The cat sat on a mat and the Dog ran to the big red House in a small green park with an old man who "
+           "saw a bird fly over the tree near the River under a blue sky every day because it was warm").split()
+FRENCH = ("Le chat dormait sur le tapis et le chien courait vers la grande maison près de la rivière où un "
+          "vieil homme a vu un oiseau voler au-dessus de l'arbre ; c'était l'été à Besançon , déjà !").split()
+MULTILINGUAL = ENGLISH[:20] + FRENCH[:20] + (
+    "Кошка сидела на ковре и смотрела в окно Москва "    # Russian
+    "Η γάτα κάθεται στο χαλί και κοιτάζει έξω Αθήνα "    # Greek
+    "猫 が 窓 の 外 を 見 て いる 東京 北京 "             # Japanese and Chinese (split per character by BERT)
+    "naïve café résumé Ærøskøbing Łódź Straße").split()
+
+
+def sentences(words, n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 30))) for _ in range(n)]
+
+
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# ---- tokenizers, each built offline the way its family's real one is made ----
+
+def wordpiece_tokenizer(folder, words, lowercase):
+    """BERT's WordPiece: whole words, every character, and every character as a ## continuation."""
+    words = [w.lower() for w in words] if lowercase else words
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words) - set(chars)) + chars + \
+        ["##" + c for c in chars]
+    write_lines(os.path.join(folder, "vocab.txt"), vocab)
+    # cased and multilingual BERT keep case and accents, as bert-base-(multilingual-)cased does
+    return BertTokenizer(vocab=os.path.join(folder, "vocab.txt"), do_lower_case=lowercase,
+                         strip_accents=None if lowercase else False)
+
+
+def byte_bpe_tokenizer(texts):
+    """RoBERTa's byte-level BPE, trained here: <s>=0 <pad>=1 </s>=2 <unk>=3, as roberta-base."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges)
+
+
+def unigram_pieces(texts, special):
+    """A SentencePiece-style Unigram vocabulary, [(piece, log-probability)], specials first in order."""
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=special, unk_token=special[3 if "<unk>" in special else 1],
+        show_progress=False))
+    return [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+
+
+def xlmr_tokenizer(texts):
+    # xlm-roberta-base: <s>=0 <pad>=1 </s>=2 <unk>=3, pieces, <mask> last
+    return XLMRobertaTokenizer(vocab=unigram_pieces(texts, ["<s>", "<pad>", "</s>", "<unk>"]) + [("<mask>", 0.0)])
+
+
+def camembert_tokenizer(texts):
+    # camembert-base: <s>NOTUSED=0 <pad>=1 </s>NOTUSED=2 <unk>=3 <unk>NOTUSED=4 <s>=5 </s>=6, pieces, <mask> last
+    special = ["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<unk>NOTUSED", "<s>", "</s>"]
+    return CamembertTokenizer(vocab=unigram_pieces(texts, special) + [("<mask>", 0.0)])
+
+
+def deberta_tokenizer(texts):
+    # deberta-v3: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, pieces, [MASK] last
+    return DebertaV2Tokenizer(vocab=unigram_pieces(texts, ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]) + [("[MASK]", 0.0)])
+
+
+# ---- the families: (words of its corpus, tokenizer, model class, config) ----
+
+def tiny(config_class, tokenizer, **extra):
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=N_LAYERS,
+                 num_attention_heads=HEADS, intermediate_size=2 * HIDDEN, max_position_embeddings=POSITIONS,
+                 pad_token_id=tokenizer.pad_token_id)
+    return config_class(**{**sizes, **extra})
+
+
+def roberta_style(config_class, tokenizer):
+    # positions are numbered from pad + 1: 2 more rows than usable positions, as roberta-base's 514
+    return tiny(config_class, tokenizer, max_position_embeddings=POSITIONS + tokenizer.pad_token_id + 1,
+                bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, type_vocab_size=1)
+
+
+def deberta_config(tokenizer, legacy):
+    # relative attention with buckets, no absolute positions, a convolution after the first layer:
+    # rel_embeddings, the encoder's LayerNorm and conv sit outside the layer list
+    return tiny(DebertaV2Config, tokenizer, relative_attention=True, position_biased_input=False,
+                pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1,
+                norm_rel_ebd="layer_norm", share_att_key=True, conv_kernel_size=3, type_vocab_size=0,
+                legacy=legacy, hidden_act="gelu")
+
+
+FAMILIES = {
+    "bert-uncased": (ENGLISH, lambda d, t: wordpiece_tokenizer(d, ENGLISH, lowercase=True), BertForMaskedLM,
+                     lambda tok: tiny(BertConfig, tok)),
+    "bert-cased": (ENGLISH, lambda d, t: wordpiece_tokenizer(d, ENGLISH, lowercase=False), BertForMaskedLM,
+                   lambda tok: tiny(BertConfig, tok)),
+    "bert-multilingual": (MULTILINGUAL, lambda d, t: wordpiece_tokenizer(d, MULTILINGUAL, lowercase=False),
+                          BertForMaskedLM, lambda tok: tiny(BertConfig, tok)),
+    "roberta": (ENGLISH, lambda d, t: byte_bpe_tokenizer(t), RobertaForMaskedLM,
+                lambda tok: roberta_style(RobertaConfig, tok)),
+    "xlm-roberta": (MULTILINGUAL, lambda d, t: xlmr_tokenizer(t), XLMRobertaForMaskedLM,
+                    lambda tok: roberta_style(XLMRobertaConfig, tok)),
+    "camembert": (FRENCH, lambda d, t: camembert_tokenizer(t), CamembertForMaskedLM,
+                  lambda tok: roberta_style(CamembertConfig, tok)),
+    # the generator's embeddings are narrower than its layers (embeddings_project), as in ELECTRA
+    "electra-generator": (ENGLISH, lambda d, t: wordpiece_tokenizer(d, ENGLISH, lowercase=True), ElectraForMaskedLM,
+                          lambda tok: tiny(ElectraConfig, tok, embedding_size=HIDDEN // 2)),
+    "deberta-v2": (ENGLISH, lambda d, t: deberta_tokenizer(t), DebertaV2ForMaskedLM,
+                   lambda tok: deberta_config(tok, legacy=True)),
+    "deberta-v2-lm-predictions": (ENGLISH, lambda d, t: deberta_tokenizer(t), DebertaV2ForMaskedLM,
+                                  lambda tok: deberta_config(tok, legacy=False)),
+}
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """One family's teacher folder, corpora, loaded teacher and tokenizer, built once per session."""
+    name = request.param
+    words, make_tokenizer, model_class, make_config = FAMILIES[name]
+    folder = str(tmp_path_factory.mktemp(name))
+    train_txt = write_lines(os.path.join(folder, "train.txt"), sentences(words, 120, seed=1))
+    valid_txt = write_lines(os.path.join(folder, "valid.txt"), sentences(words, 16, seed=2))
+    model_dir = os.path.join(folder, "teacher")
+    os.makedirs(model_dir)
+    tokenizer = make_tokenizer(model_dir, sentences(words, 400, seed=3))
+    torch.manual_seed(0)
+    model_class(make_config(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    teacher = load_teacher(model_dir)  # frozen: the tests below share it and never change it
+    return SimpleNamespace(name=name, folder=model_dir, train=train_txt, valid=valid_txt, teacher=teacher,
+                           tokenizer=load_tokenizer(teacher, model_dir))
+
+
+def encode(tokenizer, texts):
+    """A padded batch of `texts` (different lengths, so padding is exercised)."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=POSITIONS, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def logits(model, input_ids, attention_mask):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def sample_texts(path):
+    docs = [text for text, _ in read_documents(path)]
+    return [docs[0][:20], " ".join(docs[1:4])]
+
+
+# ---- (a) a student with all layers is the teacher ----
+
+def test_teacher_loads_as_its_own_class_with_its_tokenizer(family):
+    teacher = load_teacher(family.folder)
+    assert type(teacher) is FAMILIES[family.name][2]
+    tokenizer = load_tokenizer(teacher, family.folder)
+    assert tokenizer.pad_token_id == teacher.config.pad_token_id
+    # the tokenizer covers the corpus: no unknown pieces, whatever the script
+    ids = tokenizer(sample_texts(family.train))["input_ids"]
+    assert tokenizer.unk_token_id not in [i for row in ids for i in row]
+
+
+def test_all_layers_reproduce_teacher_logits(family):
+    teacher, tokenizer = family.teacher, family.tokenizer
+    input_ids, attention_mask = encode(tokenizer, sample_texts(family.train))
+    student = make_student(teacher, list(range(N_LAYERS))).eval()
+    assert len(encoder_layers(student)) == N_LAYERS
+    s, t = logits(student, input_ids, attention_mask), logits(teacher, input_ids, attention_mask)
+    real = attention_mask.bool()
+    torch.testing.assert_close(s[real], t[real], rtol=0, atol=1e-6)
+
+
+def test_padding_never_changes_the_logits(family):
+    """The pad id (1 for RoBERTa-style models) is honoured: position ids and attention skip padding."""
+    teacher, tokenizer = family.teacher, family.tokenizer
+    texts = sample_texts(family.train)
+    padded_ids, padded_mask = encode(tokenizer, texts)
+    alone_ids, alone_mask = encode(tokenizer, texts[:1])
+    assert (padded_ids[0, alone_ids.shape[1]:] == tokenizer.pad_token_id).all()
+    n = alone_ids.shape[1]
+    torch.testing.assert_close(logits(teacher, padded_ids, padded_mask)[0, :n],
+                               logits(teacher, alone_ids, alone_mask)[0], rtol=0, atol=1e-5)
+
+
+def test_usable_positions(family):
+    name, teacher = family.name, family.teacher
+    config = teacher.config
+    padding_idx = getattr(teacher.base_model.embeddings, "padding_idx", None)
+    if name in ("roberta", "xlm-roberta", "camembert"):
+        assert padding_idx == config.pad_token_id == 1
+        assert usable_positions(teacher) == config.max_position_embeddings - padding_idx - 1 == POSITIONS
+    else:
+        assert usable_positions(teacher) == config.max_position_embeddings == POSITIONS
+    # the teacher takes a full-length sequence (absolute positions end exactly there)
+    n = usable_positions(teacher)
+    ids = torch.full((1, n), teacher.config.vocab_size - 1)
+    assert logits(teacher, ids, torch.ones_like(ids)).shape == (1, n, teacher.config.vocab_size)
+    if name in ("roberta", "xlm-roberta", "camembert"):
+        with pytest.raises((IndexError, RuntimeError), match="out of"):  # one more: past the position table
+            logits(teacher, torch.full((1, n + 1), 5), torch.ones(1, n + 1, dtype=torch.long))
+
+
+# ---- (b) a subset student saves and reloads ----
+
+def test_subset_student_saves_and_reloads(family, tmp_path):
+    teacher, tokenizer = family.teacher, family.tokenizer
+    layers = [0, 3]
+    student = make_student(teacher, layers).eval()
+    # the student's layers are exactly the teacher's chosen ones; everything outside the layer
+    # list (embeddings, DeBERTa's relative embeddings and conv, the MLM head) is the teacher's
+    for k, i in enumerate(layers):
+        for (sn, sp), (tn, tp) in zip(encoder_layers(student)[k].named_parameters(),
+                                      encoder_layers(teacher)[i].named_parameters()):
+            assert sn == tn and torch.equal(sp, tp)
+    layer_list = next(n for n, m in student.named_modules() if m is encoder_layers(student)) + "."
+    teacher_params = dict(teacher.named_parameters())
+    outside = {n: p for n, p in student.named_parameters() if not n.startswith(layer_list)}
+    assert outside.keys() == {n for n in teacher_params if not n.startswith(layer_list)}
+    for n, p in outside.items():
+        assert torch.equal(p, teacher_params[n]), n
+    out = str(tmp_path / "student")
+    save_student(student, tokenizer, out)
+    reloaded, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert type(reloaded) is type(teacher)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert reloaded.config.num_hidden_layers == len(layers)
+    input_ids, attention_mask = encode(tokenizer, sample_texts(family.train))
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits(reloaded.eval(), input_ids, attention_mask)[real],
+                               logits(student, input_ids, attention_mask)[real], rtol=0, atol=0)
+    # the saved student is itself a valid teacher: its MLM head is all there
+    assert type(load_teacher(out)) is type(teacher)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+
+
+# ---- (c) data, one distillation step, and train.py ----
+
+def test_data_uses_the_tokenizers_own_special_tokens(family, tmp_path):
+    teacher, tokenizer = family.teacher, family.tokenizer
+    # a fast tokenizer keeps its last call's padding and truncation in its backend: they must not leak in
+    tokenizer(["a", "a a a"], padding="max_length", truncation=True, max_length=8)
+    corpus = load_corpus(family.train, tokenizer, str(tmp_path), progress=False)
+    docs = [text for text, _ in read_documents(family.train)]
+    # one document per sequence, each short enough to fit: the sequence is the tokenizer's own encoding
+    seqs = make_sequences(corpus, 1024, pack=False)
+    assert len(seqs.starts) == len(docs)
+    for i in range(0, len(docs), 7):
+        input_ids, attention_mask = collate(seqs, [i], tokenizer)
+        assert input_ids[0].tolist() == tokenizer(docs[i])["input_ids"], docs[i]
+    # packed, masked batches: specials are never masked, never drawn as the random token
+    seqs = make_sequences(corpus, 16)
+    spec = mask_spec(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    batch = make_batch(seqs, np.arange(len(seqs.starts)), tokenizer, spec, seed=0, epoch=0)
+    original, _ = collate(seqs, np.arange(len(seqs.starts)), tokenizer)
+    real = batch["attention_mask"].astype(bool)
+    assert (original[:, 0] == tokenizer.cls_token_id).all()
+    last = batch["attention_mask"].sum(1) - 1
+    assert (original[np.arange(len(original)), last] == tokenizer.sep_token_id).all()
+    assert (original[~real] == tokenizer.pad_token_id).all()
+    predicted = batch["labels"] != -100
+    assert predicted.sum() > 0.1 * real.sum()
+    assert not np.isin(original[predicted], list(special)).any()
+    changed = batch["input_ids"] != original
+    assert not (changed & ~predicted).any()
+    new = batch["input_ids"][changed]
+    assert ((new == tokenizer.mask_token_id) | ~np.isin(new, list(special))).all()
+
+
+def test_distil_step_gives_finite_losses_and_gradients(family, tmp_path):
+    teacher, tokenizer = family.teacher, family.tokenizer
+    corpus = load_corpus(family.train, tokenizer, str(tmp_path), progress=False)
+    seqs = make_sequences(corpus, 24, pack=False)
+    batch = make_batch(seqs, np.arange(8), tokenizer, mask_spec(tokenizer), seed=0, epoch=0)
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    student = make_student(teacher, [0, 2])
+    cfg = DistilConfig(alpha_mse=0.5, kd_on="all")  # every term on
+    total, terms = distil_step(student, teacher, batch, cfg)
+    assert set(terms) == {"kd", "mlm", "cos", "mse"}
+    assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(total)
+    assert terms["kd"] > 0 and terms["mlm"] > 0
+    total.backward()
+    grads = {n: p.grad for n, p in student.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    # every layer and the embeddings learn (pooler-like parameters outside the MLM path may not)
+    for k in range(2):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_layers(student)[k].parameters())
+    assert student.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_train_py_runs_and_its_output_loads(family, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--teacher", family.folder, "--train", family.train,
+           "--valid", family.valid, "--out", out, "--cache-dir", str(tmp_path / "cache"), "--layers", "0,3",
+           "--seq-len", "24", "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--dtype", "fp32",
+           "--no-progress", "--alpha-mse", "0.1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert type(model) is FAMILIES[family.name][2] and model.config.num_hidden_layers == 2
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("valid_ppl" in r and np.isfinite(r["valid_ppl"]) for r in records)
+
+
+def test_train_refuses_a_seq_len_beyond_the_positions(family, tmp_path):
+    with pytest.raises(DataError, match=f"--seq-len {POSITIONS + 1} is longer than the teacher's {POSITIONS} positions"):
+        train.main(["--teacher", family.folder, "--train", family.train, "--out", str(tmp_path / "run"),
+                    "--cache-dir", str(tmp_path / "cache"), "--seq-len", str(POSITIONS + 1)])
+
+
+# ---- checkpoints trained for replaced-token detection have no MLM head ----
+
+def test_electra_discriminator_is_refused(tmp_path):
+    tokenizer = wordpiece_tokenizer(str(tmp_path), ENGLISH, lowercase=True)
+    ElectraForPreTraining(tiny(ElectraConfig, tokenizer, embedding_size=HIDDEN)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(StudentError) as e:
+        load_teacher(str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "no trained masked-LM head" in message and "replaced-token detection" in message
+
+
+def test_deberta_without_mlm_head_is_refused(tmp_path):
+    tokenizer = deberta_tokenizer(sentences(ENGLISH, 100, seed=3))
+    DebertaV2Model(deberta_config(tokenizer, legacy=False)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(StudentError) as e:
+        load_teacher(str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "no trained masked-LM head" in message and "replaced-token detection" in message
