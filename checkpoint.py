@@ -9,8 +9,11 @@ never a partial file under a checkpoint's name.
 """
 
 import glob
+import json
 import os
 import re
+import signal
+from contextlib import contextmanager
 
 import torch
 
@@ -39,9 +42,11 @@ def list_checkpoints(out_dir):
 
 
 def save_checkpoint(state, out_dir, keep):
-    """Write `state` atomically as the checkpoint of state["step"]; keep only the newest `keep`."""
+    """Write `state` atomically as the checkpoint of state["step"]; keep only the newest `keep` (0: all)."""
     folder = checkpoint_dir(out_dir)
     os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(folder, "*.tmp")):  # left by a writer that was killed
+        os.remove(stale)
     path = os.path.join(folder, f"step-{state['step']:08d}.pt")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -67,7 +72,7 @@ def load_latest(out_dir):
                               "run without --resume to start a new run there")
     for path in reversed(paths):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
+            return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a file damaged after it was written (disk fault, manual copy)
             print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})")
     raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)} could be read")
@@ -88,11 +93,51 @@ def check_resumable(saved_config, current_config, path):
 
 
 def check_out_dir(out_dir, resume):
-    """Refuse to start a new run on top of another one."""
+    """Refuse to start a new run on top of one that has something to lose: a checkpoint or a model.
+
+    A folder with only the log of a run that died before its first checkpoint is started over,
+    else its owner could neither --resume it (no checkpoint) nor start again.
+    """
     if resume:
         return
-    leftovers = [name for name in ("checkpoints", "metrics.jsonl", "config.json", "run.json")
-                 if os.path.exists(os.path.join(out_dir, name))]
+    leftovers = [os.path.basename(p) for p in list_checkpoints(out_dir)[-1:]] + \
+        [name for name in ("config.json", "model.safetensors") if os.path.exists(os.path.join(out_dir, name))]
     if leftovers:
         raise CheckpointError(f"--out {out_dir} already holds a run ({', '.join(leftovers)}); "
                               "pass --resume to continue it, or choose another --out")
+
+
+def truncate_metrics(out_dir, step):
+    """Keep the metric lines up to `step` (none for step < 0): what a crashed run logged after the
+    checkpoint we resume from is replayed, and a line cut short by a kill is dropped."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
+    if step >= 0 and os.path.exists(path):
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+@contextmanager
+def stop_signals():
+    """Inside the block, SIGTERM (what schedulers send before pre-emption) and Ctrl-C only set a
+    flag; it yields a function that says whether one came, so the loop can finish its step, save
+    and exit cleanly. A second Ctrl-C stops at once. The previous handlers come back on exit."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,11 +24,13 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint
-from data import DataError, batches_per_epoch, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from checkpoint import (CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint, stop_signals,
+                        truncate_metrics)
+from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, count_rows, distil_step, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
-from student import StudentError, load_teacher, load_tokenizer, make_student, save_student, usable_positions
+from student import (StudentError, check_layers, load_teacher, load_tokenizer, make_student, save_student,
+                     usable_positions)
 
 
 def default_cache_dir():
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     a("--eval-every", type=int, default=500)
     a("--save-every", type=int, default=1000)
     a("--log-every", type=int, default=10)
-    a("--keep", type=int, default=3, help="checkpoints to keep (the newest)")
+    a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all)")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     a("--max-bad-steps", type=int, default=10,
       help="stop after this many consecutive steps with a non-finite loss or gradient")
@@ -138,18 +139,6 @@ def run_config(args, world_size):
     return config
 
 
-STOP_REQUESTED = False
-
-
-def request_stop(signum, frame):
-    """SIGTERM (what schedulers send before pre-emption) or Ctrl-C: finish the step, checkpoint,
-    exit cleanly. A second Ctrl-C stops at once."""
-    global STOP_REQUESTED
-    if STOP_REQUESTED and signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    STOP_REQUESTED = True
-
-
 def main(argv=None):
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
@@ -167,8 +156,6 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     dtype = pick_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
 
     # ---- inputs, all checked before anything is written or the process group starts ----
     check_out_dir(args.out, args.resume)
@@ -179,7 +166,12 @@ def main(argv=None):
         check_resumable(ckpt["config"], config, ckpt_path)
     teacher = load_teacher(args.teacher)
     tokenizer = load_tokenizer(teacher, args.teacher, args.tokenizer)
-    layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
+    except ValueError:
+        raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
+    if layers is not None:  # now, not after tokenizing the corpus
+        check_layers(layers, teacher.config.num_hidden_layers)
     max_len = usable_positions(teacher)
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
@@ -189,19 +181,23 @@ def main(argv=None):
         raise DataError("every --alpha-* is 0: turn on at least one loss")
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
-                         progress=master)
+                         progress=master and args.progress)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
     valid_seqs = None
     if args.valid:
         valid_seqs = make_sequences(load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column,
-                                                args.min_tokens, progress=master), args.seq_len, args.pack)
+                                                args.min_tokens, progress=master and args.progress),
+                                    args.seq_len, args.pack)
     spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
-    n_batches = batches_per_epoch(len(seqs.starts), args.batch_size, world_size)
-    if n_batches < args.grad_accum:
+    # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
+    # so that a run resumed on another number of GPUs (same global batch) sees the same data.
+    steps_per_epoch = len(seqs.starts) // config["global_batch"]
+    if steps_per_epoch < 1:
         raise DataError(f"{args.train} gives {len(seqs.starts)} sequences of --seq-len {args.seq_len}: too few "
-                        f"for one step of {args.batch_size * args.grad_accum * world_size}; lower --batch-size "
+                        f"for one step of {config['global_batch']}; lower --batch-size "
                         "or --grad-accum, or pass a longer corpus")
-    total_steps = args.max_steps or max(1, int(args.epochs * n_batches / args.grad_accum))
+    n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
+    total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     student = make_student(teacher, layers, args.student_init).to(device)
     teacher.to(device)
     if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
@@ -222,26 +218,27 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- resume ----
-    step, teacher_ppl, skipped = 0, None, 0
+    names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse") if getattr(cfg, f"alpha_{k}") > 0]
+    step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * len(names), 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, teacher_ppl, skipped = ckpt["step"], ckpt["teacher_ppl"], ckpt["skipped_steps"]
+        window, n_logged = ckpt["log_window"]  # losses since the last log line, so the next one is whole
         torch.set_rng_state(ckpt["rng_cpu"])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
-            truncate_metrics(args.out, step)
         del ckpt
-    last_ckpt = None
+    last_ckpt = ckpt_path
 
     def save(step):
         nonlocal last_ckpt
         if master:
             state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "config": config,
-                     "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "rng_cpu": torch.get_rng_state(),
-                     "data_position": divmod(step * args.grad_accum, n_batches)}
+                     "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "log_window": (window, n_logged),
+                     "rng_cpu": torch.get_rng_state(), "data_position": divmod(step * args.grad_accum, n_batches)}
             last_ckpt = save_checkpoint(state, args.out, args.keep)
         if ddp:
             dist.barrier()
@@ -257,6 +254,8 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump(config, f, indent=1)
+        # Drop what a crashed run logged after the checkpoint we resume from (a new run starts empty).
+        truncate_metrics(args.out, step if args.resume else -1)
     if valid_seqs is not None and teacher_ppl is None:
         teacher_ppl = evaluate(teacher)
         log(args, master, {"step": step, "teacher_ppl": teacher_ppl})
@@ -267,92 +266,96 @@ def main(argv=None):
         while True:
             epoch, i = divmod(micro, n_batches)
             batches = epoch_batches(seqs, args.batch_size, args.seed, epoch, rank, world_size, not args.pack)
-            for indices in batches[i:]:
+            for indices in batches[i:n_batches]:
                 yield make_batch(seqs, indices, tokenizer, spec, args.seed, epoch)
             micro += n_batches - i
 
     stream = micro_batches(step * args.grad_accum)
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    sums, n_logged, t_log, tokens_seen, bad_steps = {}, 0, time.time(), 0, 0
-    while step < total_steps:
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
-        # give the gradient of one big batch. The same all_reduce carries the stop flag, so every
-        # rank stops at the same step.
-        counts = [count_rows(b, cfg) for b in micro]
-        stats = torch.tensor([sum(c[k] for c in counts) for k in ("kd", "mlm", "cos")] + [float(STOP_REQUESTED)],
-                             dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(stats)
-        if stats[3].item() > 0:
-            save(step)
-            if master:
-                print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
-            break
-        # DDP averages gradients over ranks, so each rank divides by the global count / world size.
-        denominators = {"kd": stats[0] / world_size, "mlm": stats[1] / world_size, "cos": stats[2] / world_size}
-        lr = get_lr(step, total_steps, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout is seeded from (seed, step, rank): a resumed run replays it with no RNG state.
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0]))
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            if ddp:  # synchronise gradients on the last micro-step only; set before the forward
-                model.require_backward_grad_sync = i == len(micro) - 1
-            batch = to_device(batch, device)
-            with autocast():
-                loss, terms = distil_step(model, teacher, batch, cfg, denominators)
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip if args.clip > 0 else float("inf"))
-        if scaler.is_enabled():
-            # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; that is
-            # routine. A non-finite loss is not: the forward itself overflowed.
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped += scaler.get_scale() < scale_before
-            bad = not torch.isfinite(loss_sum).item()
-        else:
-            # bf16/fp32: never step on a NaN. grad_norm is computed from the all-reduced
-            # gradients, so every rank takes the same decision.
-            bad = not (torch.isfinite(loss_sum) & torch.isfinite(grad_norm)).item()
-            if bad:
-                skipped += 1
-            else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bad_steps = bad_steps + 1 if bad else 0
-        if bad_steps >= args.max_bad_steps:
-            where = f"last good checkpoint: {last_ckpt or 'none yet'}"
-            raise FloatingPointError(f"non-finite loss or gradient for {bad_steps} consecutive steps, the last at "
-                                     f"step {step}; {where}; lower --lr, use --dtype bf16/fp32, or check the data")
-        sums["loss"] = sums.get("loss", 0.0) + loss_sum
-        n_logged += 1
-        tokens_seen += int(stats[2].item())
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == total_steps:
-            values = torch.stack([sums[k] for k in sorted(sums)]).float()
-            if ddp:  # each rank's sum is its share of the global mean; their sum is the mean
-                dist.all_reduce(values)
-            record = {"step": step, **{k: v / n_logged for k, v in zip(sorted(sums), values.tolist())},
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / (time.time() - t_log),
-                      "skipped_steps": skipped}
+    t_log, tokens_seen, bad_steps = time.time(), 0, 0
+    with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
+        while step < total_steps:
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
+            # give the gradient of one big batch. The same all_reduce carries the stop flag, so every
+            # rank stops at the same step.
+            counts = [count_rows(b, cfg) for b in micro]
+            stats = torch.tensor([sum(c[k] for c in counts) for k in ("kd", "mlm", "cos")] + [stop_requested()],
+                                 dtype=torch.float64, device=device)
+            if ddp:
+                dist.all_reduce(stats)
+            if stats[3].item() > 0:
+                save(step)
+                if master:
+                    print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
+                break
+            # DDP averages gradients over ranks, so each rank divides by the global count / world size.
+            denominators = {"kd": stats[0] / world_size, "mlm": stats[1] / world_size, "cos": stats[2] / world_size}
+            lr = get_lr(step, total_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout is seeded from (seed, step, rank): a resumed run replays it with no RNG state.
+            torch.manual_seed(int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0]))
+            losses = torch.zeros(len(names), dtype=torch.float64, device=device)  # total, then each term
+            for i, batch in enumerate(micro):
+                if ddp:  # synchronise gradients on the last micro-step only; set before the forward
+                    model.require_backward_grad_sync = i == len(micro) - 1
+                batch = to_device(batch, device)
+                with autocast():
+                    loss, terms = distil_step(model, teacher, batch, cfg, denominators)
+                scaler.scale(loss).backward()
+                losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
+            # Each rank holds world_size x its share of the global mean (its denominators are the global
+            # counts / world_size): summed and divided, every rank knows the step's loss, logs it
+            # without further communication and judges a non-finite one alike.
+            if ddp:
+                dist.all_reduce(losses)
+                losses /= world_size
+            losses = losses.tolist()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip if args.clip > 0 else math.inf)
             if scaler.is_enabled():
-                record["scale"] = scaler.get_scale()
-            log(args, master, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            sums, n_logged, t_log, tokens_seen = {}, 0, time.time(), 0
-        if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
-            log(args, master, {"step": step, "valid_ppl": evaluate(unwrap(model)), "teacher_ppl": teacher_ppl})
-        if step % args.save_every == 0 or step == total_steps:
-            save(step)
+                # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; that is
+                # routine. A non-finite loss is not: the forward itself overflowed.
+                scale_before = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                skipped += scaler.get_scale() < scale_before
+                bad = not math.isfinite(losses[0])
+            else:
+                # bf16/fp32: never step on a NaN. grad_norm is computed from the all-reduced
+                # gradients, so every rank takes the same decision.
+                bad = not (math.isfinite(losses[0]) and math.isfinite(grad_norm.item()))
+                if bad:
+                    skipped += 1
+                else:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bad_steps = bad_steps + 1 if bad else 0
+            if bad_steps >= args.max_bad_steps:
+                raise FloatingPointError(
+                    f"non-finite loss or gradients at steps {step - bad_steps + 1}-{step} (--max-bad-steps "
+                    f"{args.max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'}; lower --lr, use "
+                    "--dtype fp32 or check the data, then start again from it with --resume or a new --out")
+            window, n_logged = [w + v for w, v in zip(window, losses)], n_logged + 1
+            tokens_seen += int(stats[2].item())
+            bar.update(1)
+
+            if step % args.log_every == 0 or step == total_steps:
+                record = {"step": step, **{k: w / n_logged for k, w in zip(names, window)}, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / (time.time() - t_log),
+                          "skipped_steps": skipped}
+                if scaler.is_enabled():
+                    record["scale"] = scaler.get_scale()
+                log(args, master, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window, n_logged, t_log, tokens_seen = [0.0] * len(names), 0, time.time(), 0
+            if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
+                log(args, master, {"step": step, "valid_ppl": evaluate(unwrap(model)), "teacher_ppl": teacher_ppl})
+            # Not during a run of bad steps: the last good checkpoint stays the newest.
+            if (step % args.save_every == 0 or step == total_steps) and bad_steps == 0:
+                save(step)
     bar.close()
 
     if step == total_steps and master:
@@ -374,18 +377,11 @@ def log(args, master, record):
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
-def truncate_metrics(out_dir, step):
-    """Drop metric lines a crashed run wrote after the checkpoint we resume from."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        lines = [line for line in open(path) if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
 if __name__ == "__main__":
     try:
         main()
     except (StudentError, DataError, CheckpointError, FloatingPointError) as e:
         rank = os.environ.get("RANK")
         sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints already written are intact
+        sys.exit("error: interrupted before the checkpoint could be saved; --resume continues from the last one")
