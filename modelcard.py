@@ -80,9 +80,12 @@ def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_
     data = "\n".join(f"  - {split}: `{_source_name(src)}`, {n_tokens:,} tokens" for split, (src, n_tokens)
                      in corpora.items() if src)
     smoothing = f", rare tokens favoured (P ∝ count^-{run['mlm_smoothing']:g})" if run.get("mlm_smoothing") else ""
+    ppl_note = "" if valid_ppl is None else (
+        "\nPerplexity is exp(mean cross-entropy) at 15% uniformly masked positions of the validation set,\n"
+        "with masks fixed by a constant seed, so it compares across runs.\n")
     name = run.get("push_to_hub") or os.path.basename(os.path.normpath(run["out"]))
     body = f"""
-# {name}
+# {name.split("/")[-1]}
 
 A {len(layers)}-layer student distilled from {teacher_ref} with the DistilBERT recipe
 (Sanh et al., 2019): it was trained to reproduce the teacher's output distribution and hidden
@@ -101,17 +104,14 @@ states while learning the masked-language-modelling task.
 - Loss = {loss}, where KD = T²·KL(softmax(teacher/T) ‖ softmax(student/T)) at temperature
   T = {run['temperature']:g}, over {kd_on}; MLM = cross-entropy at the masked positions, COS = 1 − cosine
   between the last hidden states{', MSE = squared error between the logits' if run['alpha_mse'] > 0 else ''}.
-- Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% [MASK], 10% random, 10% unchanged){smoothing}.
+- Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% {mask_token}, 10% random, 10% unchanged){smoothing}.
 - {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run['seq_len']} tokens
   ({'packed' if run.get('pack', True) else 'one document each'}); AdamW, peak learning rate {run['lr']:g},
   betas ({run['adam_betas']}), eps {run['adam_eps']:g}, weight decay {run['weight_decay']:g},
   {100 * run['warmup']:g}% linear warmup then linear decay, gradient clipping at {run['clip']:g}, seed {run['seed']}.
 - Data:
 {data}
-
-Perplexity is exp(mean cross-entropy) at 15% uniformly masked positions of the validation set,
-with masks fixed by a constant seed, so it compares across runs.
-
+{ppl_note}
 ## How to use
 
 ```python
@@ -146,15 +146,16 @@ NOT_PUBLISHED = ["checkpoints/*", ".saving/*", "wandb/*", "wandb-run-id"]
 def push_to_hub(out_dir, repo_id):
     """Create (if needed) the Hub model repository `repo_id` and upload the student's folder to it:
     weights, tokenizer, README.md, metrics.jsonl, run.json and the TensorBoard logs (the Hub shows
-    them as training metrics), not the checkpoints."""
+    them as training metrics), not the checkpoints. Returns the repository's URL."""
     try:
         from huggingface_hub import create_repo, upload_folder
     except ImportError:
         raise HubError("--push-to-hub needs the huggingface_hub package: pip install huggingface_hub") from None
     try:
-        create_repo(repo_id, exist_ok=True)
-        return upload_folder(repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_PUBLISHED,
-                             commit_message="Distilled student from bert-distil")
+        url = create_repo(repo_id, exist_ok=True)
+        upload_folder(repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_PUBLISHED,
+                      commit_message="Distilled student from bert-distil")
+        return url
     except Exception as e:  # no token, offline, no rights: the student is saved, say how to push it later
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubError(f"--push-to-hub {repo_id}: upload failed ({reason}); the student is saved in {out_dir}; "
