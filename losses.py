@@ -115,3 +115,84 @@ def mse_loss(student_logits, teacher_logits, denominator=None):
     sq = F.mse_loss(student_logits.float(), teacher_logits.detach().float(), reduction="sum")
     n = _rows(student_logits) if denominator is None else denominator
     return sq / n
+
+
+# ---------------------------------------------------------------------------------------------
+# Intermediate-layer losses (off in the DistilBERT recipe; from the later literature)
+# ---------------------------------------------------------------------------------------------
+
+def hidden_mse_loss(student_hidden, teacher_hidden, denominator=None):
+    """Hidden-state regression between a mapped pair of layers (TinyBERT, Jiao et al. 2020; PKD).
+
+        hidden_mse = 1/n * sum_rows 1/D * sum_d (s[d] - t[d])^2
+
+    i.e. the mean squared error over all elements when n is the number of rows, as TinyBERT's
+    MSELoss. The student's hidden size must equal the teacher's (project it first otherwise).
+    Its cosine counterpart is `cosine_loss`.
+    """
+    sq = F.mse_loss(student_hidden.float(), teacher_hidden.detach().float(), reduction="sum")
+    n = _rows(student_hidden) if denominator is None else denominator
+    return sq / (n * student_hidden.shape[-1])
+
+
+def attention_kl_loss(student_scores, teacher_scores, denominator=None):
+    """Self-attention distribution transfer (MiniLM, Wang et al. 2020).
+
+        attn_kl = 1/n * sum_rows KL( softmax(t) || softmax(s) )
+
+    Each row is one query position of one head; its entries are the attention scores
+    (q.k / sqrt(d), with the padding mask added) over the key positions, so softmax gives the
+    attention distribution. n defaults to the number of rows: the mean over heads and positions.
+    The same computation as kd_loss at temperature 1 (masked keys have probability 0 in both).
+    """
+    return kd_loss(student_scores, teacher_scores, 1.0, denominator)
+
+
+def attention_mse_loss(student_scores, teacher_scores, key_mask=None, denominator=None):
+    """Attention-score regression (TinyBERT, Jiao et al. 2020).
+
+        attn_mse = 1/n * sum_rows 1/K_row * sum_{real keys k} (s[k] - t[k])^2
+
+    on the raw scores q.k / sqrt(d) before the padding mask and the softmax. Each row is one query
+    position of one head; `key_mask` (same shape, 1 = real key) leaves padded keys out and K_row
+    is the row's number of real keys. Without padding this is TinyBERT's mean over all elements.
+    """
+    sq = (student_scores.float() - teacher_scores.detach().float()) ** 2
+    if key_mask is not None:
+        sq = sq * key_mask
+        per_row = sq.sum(-1) / key_mask.sum(-1).clamp(min=1)
+    else:
+        per_row = sq.mean(-1)
+    n = _rows(student_scores) if denominator is None else denominator
+    return per_row.sum() / n
+
+
+def relation_scores(x, attention_mask, n_heads):
+    """Scaled dot products of a layer's queries (or keys, or values) with themselves, per relation head.
+
+    x: (B, L, D) with D divisible by n_heads; returns (B, L, n_heads, L) scores with padded keys masked.
+    """
+    b, length, d = x.shape
+    heads = x.float().reshape(b, length, n_heads, d // n_heads).transpose(1, 2)  # (B, R, L, d_r)
+    scores = heads @ heads.transpose(-1, -2) / (d // n_heads) ** 0.5  # (B, R, L, L)
+    if attention_mask is not None:
+        scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+    return scores.transpose(1, 2)
+
+
+def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=None):
+    """Self-attention relation transfer (MiniLMv2, Wang et al. 2021), for one of q, k or v.
+
+        relation = 1/n * sum_{real query positions i, relation heads r}
+                   KL( softmax(T_r[i] . T_r^T / sqrt(d_t)) || softmax(S_r[i] . S_r^T / sqrt(d_s)) )
+
+    where T_r, S_r are the teacher's and the student's vectors (all heads concatenated, (B, L, D))
+    split into `n_heads` relation heads. The relations are L x L whatever the hidden sizes and head
+    counts, so a student of another width needs no projection. n defaults to (real positions) x
+    n_heads. MiniLMv2 sums this over q, k and v.
+    """
+    student_rel = relation_scores(student_x, attention_mask, n_heads)
+    teacher_rel = relation_scores(teacher_x.detach(), attention_mask, n_heads)
+    real = attention_mask != 0 if attention_mask is not None else torch.ones(student_x.shape[:2], dtype=torch.bool,
+                                                                               device=student_x.device)
+    return kd_loss(student_rel[real], teacher_rel[real], 1.0, denominator)

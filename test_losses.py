@@ -176,3 +176,79 @@ def test_kd_gradient_keeps_the_logits_dtype():
     kd_loss(s_full, t_half.float(), 2.0).backward()
     assert s_half.grad.dtype == torch.bfloat16
     torch.testing.assert_close(s_half.grad.float(), s_full.grad, rtol=1e-2, atol=1e-4)
+
+
+# ---- intermediate-layer losses ----
+
+from losses import attention_kl_loss, attention_mse_loss, hidden_mse_loss, relation_loss  # noqa: E402
+
+
+def _softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def _kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def test_hidden_mse_is_the_mean_over_elements():
+    s, t = torch.randn(N, D), torch.randn(N, D)
+    expected = sum((a - b) ** 2 for ra, rb in zip(s.tolist(), t.tolist()) for a, b in zip(ra, rb)) / (N * D)
+    assert hidden_mse_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert hidden_mse_loss(s, t, denominator=2 * N).item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_attention_kl_matches_closed_form_and_ignores_masked_keys():
+    heads, keys = 3, 6
+    s, t = torch.randn(N, heads, keys), torch.randn(N, heads, keys)
+    key_mask = torch.ones(N, heads, keys)
+    key_mask[:, :, 4:] = 0  # the last two keys are padding: the model adds the dtype's minimum there
+    s_masked = s + (1 - key_mask) * torch.finfo(torch.float32).min
+    t_masked = t + (1 - key_mask) * torch.finfo(torch.float32).min
+    expected = 0.0
+    for i in range(N):
+        for h in range(heads):
+            expected += _kl(_softmax(t[i, h, :4].tolist()), _softmax(s[i, h, :4].tolist()))
+    value = attention_kl_loss(s_masked, t_masked)
+    assert value.item() == pytest.approx(expected / (N * heads), rel=1e-5)
+    s_req = s_masked.clone().requires_grad_()
+    attention_kl_loss(s_req, t_masked).backward()
+    assert torch.isfinite(s_req.grad).all() and (s_req.grad[:, :, 4:] == 0).all()
+
+
+def test_attention_mse_averages_over_real_keys():
+    heads, keys = 2, 5
+    s, t = torch.randn(N, heads, keys), torch.randn(N, heads, keys)
+    key_mask = torch.ones(N, heads, keys)
+    key_mask[3:, :, 3:] = 0
+    expected = 0.0
+    for i in range(N):
+        for h in range(heads):
+            real = [k for k in range(keys) if key_mask[i, h, k] > 0]
+            expected += sum((s[i, h, k] - t[i, h, k]).item() ** 2 for k in real) / len(real)
+    assert attention_mse_loss(s, t, key_mask).item() == pytest.approx(expected / (N * heads), rel=1e-5)
+    garbage = s.clone()
+    garbage[key_mask == 0] = 1e6  # whatever sits at padded keys is ignored
+    assert attention_mse_loss(garbage, t, key_mask).item() == pytest.approx(expected / (N * heads), rel=1e-5)
+    assert attention_mse_loss(s, t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-5)
+
+
+def test_relation_loss_matches_closed_form_across_widths():
+    # teacher width 8, student width 4 (another hidden size), 2 relation heads, one padded position
+    length, n_heads = 5, 2
+    s, t = torch.randn(1, length, 4), torch.randn(1, length, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+
+    def relations(x, i, r):  # softmax over real keys of x_r[i] . x_r[j] / sqrt(d_r)
+        d = x.shape[-1] // n_heads
+        xr = x[0, :, r * d:(r + 1) * d]
+        return _softmax([(xr[i] @ xr[j]).item() / math.sqrt(d) for j in range(4)])
+
+    expected = sum(_kl(relations(t, i, r), relations(s, i, r)) for i in range(4) for r in range(n_heads))
+    assert relation_loss(s, t, mask, n_heads).item() == pytest.approx(expected / (4 * n_heads), rel=1e-5)
+    padded = s.clone()
+    padded[0, 4] = 100.0  # the padded position changes nothing
+    assert relation_loss(padded, t, mask, n_heads).item() == pytest.approx(expected / (4 * n_heads), rel=1e-5)
+    assert relation_loss(t, t, mask, n_heads).item() == pytest.approx(0.0, abs=1e-6)
