@@ -1,5 +1,6 @@
 """train.py end to end, through its command line: tiny runs on CPU, one process and two (torchrun, gloo)."""
 
+import ast
 import json
 import os
 import re
@@ -128,8 +129,9 @@ def readme_snippet():
 def test_readme_notebook_snippet_runs(tiny_teacher, tiny_corpus, tmp_path):
     code = readme_snippet()
     # The few substitutions that make it run on the tiny model; each must match exactly once.
-    for old, new in ((f'load_teacher("bert-base-uncased")', f'load_teacher({tiny_teacher!r})'),
-                     (f'AutoTokenizer.from_pretrained("bert-base-uncased")', f'AutoTokenizer.from_pretrained({tiny_teacher!r})'),
+    for old, new in (('load_teacher("bert-base-uncased")', f"load_teacher({tiny_teacher!r})"),
+                     ('AutoTokenizer.from_pretrained("bert-base-uncased")',
+                      f"AutoTokenizer.from_pretrained({tiny_teacher!r})"),
                      ('"corpus/train.txt"', repr(tiny_corpus[0])),
                      ("layers=[0, 2, 4, 7, 9, 11]", "layers=[0, 3]"),
                      ("seq_len=128", "seq_len=32")):
@@ -140,7 +142,7 @@ def test_readme_notebook_snippet_runs(tiny_teacher, tiny_corpus, tmp_path):
     result = run([str(tmp_path / "snippet.py")], cwd=str(tmp_path))
     assert_ok(result)
     printed = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 20 and all({"kd", "mlm", "cos"} <= set(eval(line)) for line in printed)
+    assert len(printed) == 20 and all({"kd", "mlm", "cos"} <= set(ast.literal_eval(line)) for line in printed)
     from transformers import AutoModelForMaskedLM
     assert AutoModelForMaskedLM.from_pretrained(str(tmp_path / "my-student")).config.num_hidden_layers == 2
 
@@ -177,6 +179,15 @@ def test_config_with_unknown_key(tiny_teacher, tiny_corpus, tmp_path):
     config.write_text("{not json")
     line = one_line_error(train("--config", str(config), "--train", tiny_corpus[0], "--out", str(tmp_path / "o")))
     assert "bad.json" in line
+
+
+def test_config_values_and_command_line_precedence(tmp_path):
+    from train import parse_args
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"teacher": "t", "train": "x.txt", "out": "o", "layers": [0, 3],
+                                  "adam-betas": [0.9, 0.98], "seq_len": 64, "lr": 1e-4}))
+    args = parse_args(["--config", str(config), "--lr", "2e-4"])
+    assert (args.layers, args.adam_betas, args.seq_len, args.lr) == ("0,3", "0.9,0.98", 64, 2e-4)
 
 
 @pytest.fixture(scope="session")
