@@ -27,10 +27,10 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint, stop_signals,
                         truncate_metrics)
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import DistilConfig, count_rows, distil_step, unwrap
+from distil import DistilConfig, count_rows, default_layer_map, distil_step, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
-from student import (StudentError, check_layers, load_teacher, load_tokenizer, make_student, save_student,
-                     usable_positions)
+from student import (StudentError, check_layers, default_layers, load_teacher, load_tokenizer, make_student,
+                     save_student, usable_positions)
 
 
 def default_cache_dir():
@@ -80,6 +80,15 @@ def parse_args(argv=None):
     a("--alpha-mse", type=float, default=0.0)
     a("--kd-on", default="masked", choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
+    # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
+    a("--layer-map", help="teacher:student layer pairs, e.g. 0:0,3:1,6:2 (default: the layers kept, and 0:0)")
+    a("--alpha-hidden", type=float, default=0.0, help="hidden-state loss on the --layer-map pairs")
+    a("--hidden-loss", default="mse", choices=["mse", "cos"], help="MSE (TinyBERT) or cosine")
+    a("--alpha-attn", type=float, default=0.0, help="attention loss on the --layer-map pairs")
+    a("--attn-loss", default="kl", choices=["kl", "mse"],
+      help="KL of attention distributions (MiniLM) or MSE of raw scores (TinyBERT)")
+    a("--alpha-relation", type=float, default=0.0, help="MiniLMv2 q/k/v relations of the last --layer-map pair")
+    a("--relation-heads", type=int, default=0, help="relation heads (default: the student's attention heads)")
     # machinery
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
@@ -102,7 +111,9 @@ def parse_args(argv=None):
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --config {pre.config}: cannot read it as JSON ({e})")
         known = {action.dest for action in p._actions}
-        config = {k.replace("-", "_"): v for k, v in config.items() if not k.startswith("_")}
+        # a JSON list ("layers": [0, 2, 4], "adam_betas": [0.9, 0.98]) means what its comma form means
+        config = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v
+                  for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(config) - known)
         if unknown:
             raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
@@ -120,6 +131,23 @@ def get_lr(step, total_steps, args):
     if step < warmup_steps:
         return args.lr * (step + 1) / warmup_steps
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def parse_layer_map(text, layers, teacher):
+    """--layer-map "t:s,..." as ((t, s), ...), by default the student's layers and the embeddings."""
+    n_teacher = teacher.config.num_hidden_layers
+    kept = layers if layers is not None else default_layers(n_teacher)
+    if text is None:
+        return default_layer_map(kept)
+    try:
+        pairs = tuple((int(t), int(s)) for t, s in (pair.split(":") for pair in text.split(",") if pair.strip()))
+    except ValueError:
+        raise StudentError(f"--layer-map {text}: give teacher:student pairs separated by commas, e.g. 0:0,6:3,12:6")
+    bad = [f"{t}:{s}" for t, s in pairs if not (0 <= t <= n_teacher and 0 <= s <= len(kept))]
+    if not pairs or bad:
+        raise StudentError(f"--layer-map {text}: {', '.join(bad) or 'no pairs'}; teacher layers are 0..{n_teacher} "
+                           f"and student layers 0..{len(kept)} (0 = the embeddings)")
+    return pairs
 
 
 def pick_dtype(name, device):
@@ -176,8 +204,10 @@ def main(argv=None):
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
-    cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse, args.kd_on)
-    if not any(w > 0 for w in (cfg.alpha_kd, cfg.alpha_mlm, cfg.alpha_cos, cfg.alpha_mse)):
+    cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse, args.kd_on,
+                       args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss, args.alpha_relation,
+                       args.relation_heads, parse_layer_map(args.layer_map, layers, teacher))
+    if not cfg.needs_teacher() and cfg.alpha_mlm <= 0:
         raise DataError("every --alpha-* is 0: turn on at least one loss")
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
@@ -218,7 +248,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- resume ----
-    names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse") if getattr(cfg, f"alpha_{k}") > 0]
+    names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
+                        if getattr(cfg, f"alpha_{k}") > 0]
     step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * len(names), 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
