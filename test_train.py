@@ -101,11 +101,13 @@ def test_resume_continues_and_finishes(finished_run, tiny_teacher_no_dropout, ti
         [f"step-{s:08d}.pt" for s in (10, 20, 30)]
 
 
-def test_torchrun_two_processes(finished_run, tiny_teacher_no_dropout, tiny_corpus, cache_dir, tmp_path):
-    """Two ranks of batch 4 see the global batches of one rank of batch 8: same losses, one output."""
-    out = str(tmp_path / "out")
+def test_torchrun_two_processes(finished_run, tiny_teacher_no_dropout, tiny_corpus, tmp_path):
+    """Two ranks of batch 4 see the global batches of one rank of batch 8: same losses, one output.
+
+    A fresh cache folder: both ranks race for it, one tokenizes while the other waits on the lock."""
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    result = train(*tiny_args(tiny_teacher_no_dropout, tiny_corpus, out, cache_dir, batch_size=4),
+    result = train(*tiny_args(tiny_teacher_no_dropout, tiny_corpus, out, cache, batch_size=4),
                    launcher=launcher, OMP_NUM_THREADS="1")  # one thread per rank on a 2-core machine
     assert_ok(result)
     assert [name for name in os.listdir(out) if name.endswith(".safetensors")] == ["model.safetensors"]
@@ -117,6 +119,7 @@ def test_torchrun_two_processes(finished_run, tiny_teacher_no_dropout, tiny_corp
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
     from transformers import AutoModelForMaskedLM
     assert AutoModelForMaskedLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert len([name for name in os.listdir(cache) if name.endswith(".tokens")]) == 2  # train and valid, once
 
 
 def readme_snippet():
