@@ -1,0 +1,252 @@
+"""Never lose a run (issue 6), part 1: exact resume, crash safety, determinism, --keep.
+
+Every run here is a real `python train.py` process on CPU (fp32, one thread) with a tiny teacher.
+Faults are injected by a wrapper script that patches one library call and then runs train.py
+exactly as the command line does (`runpy`), so train.py carries no test-only flags:
+- "stop at step k": the wrapper sends the process SIGTERM from inside its k-th optimizer step,
+  as a scheduler would, so the stop lands at a known step without changing the schedule
+  (--max-steps would change it);
+- "killed while writing a checkpoint": the wrapper's torch.save writes half the file, then SIGKILLs
+  the process.
+The helpers at the top are shared with test_ddp.py and test_faults.py.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_corpus
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(ROOT, "train.py")
+# One thread: runs compared bitwise must use the same reductions, and two processes share 2 cores.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def flags(base=None, **values):
+    """Command-line flags from a dict and keywords (which win): seq_len=16 -> --seq-len 16,
+    no_progress=True -> --no-progress, None or False -> left out."""
+    argv = []
+    for key, value in {**(base or {}), **values}.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + key.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def wrapper(tmp_path, name, patch):
+    """A script that runs `patch` (Python source; os, signal, sys and torch are imported), then train.py
+    as `python train.py` would."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"import os, runpy, signal, sys\nsys.path.insert(0, {ROOT!r})\nimport torch\n"
+                    f"{textwrap.dedent(patch)}\n"
+                    f"sys.argv[0] = {TRAIN!r}\nrunpy.run_path({TRAIN!r}, run_name='__main__')\n")
+    return str(path)
+
+
+def launch(script, argv, nproc=1):
+    """The command that runs `script` in one process, or under torchrun in `nproc`."""
+    if nproc == 1:
+        return [sys.executable, script, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *argv]
+
+
+def run(argv, script=TRAIN, nproc=1, timeout=240, env=None):
+    """Run train.py (or a wrapper of it) to the end; returns the CompletedProcess (text output)."""
+    return subprocess.run(launch(script, argv, nproc), capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})}, cwd=ROOT)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def train_records(out):
+    """metrics.jsonl's training lines without the wall-clock throughput, which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out) if "loss" in r]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def checkpoints(out):
+    return sorted(os.listdir(os.path.join(out, "checkpoints")))
+
+
+def load_checkpoint(out, name):
+    return torch.load(os.path.join(out, "checkpoints", name), map_location="cpu", weights_only=True)
+
+
+# SIGTERM from inside the k-th optimizer step (k from $STOP_AFTER; on rank $STOP_RANK only, if set).
+STOP_AT_STEP = """
+    real_step, calls = torch.optim.AdamW.step, [0]
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(os.environ["STOP_AFTER"]) and os.environ.get("RANK", "0") == os.environ.get("STOP_RANK", "0"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+    torch.optim.AdamW.step = step
+    import atexit
+    atexit.register(lambda: print(f"rank {os.environ.get('RANK', '0')} took {calls[0]} optimizer steps", flush=True))
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference run: 12 steps of 2 micro-batches; the 40-document corpus gives 8 steps per epoch,
+# so the run crosses an epoch; warmup is the first 6 steps. Dropout stays on (0.1): the resumed
+# run must replay it from the step alone.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher, tiny_corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    train = write_corpus(str(folder / "small.txt"), 40, seed=3)
+    base = dict(teacher=tiny_teacher, train=train, valid=tiny_corpus[1], cache_dir=str(folder / "cache"),
+                seq_len=16, batch_size=4, grad_accum=2, max_steps=12, warmup=0.5, layers="0,2", dtype="fp32",
+                lr=5e-4, log_every=1, eval_every=4, no_progress=True)
+    reference = str(folder / "reference")
+    ok(run(flags(base, out=reference, save_every=1, keep=2)))
+    return base, reference
+
+
+def test_keep_only_the_newest_checkpoints(setup):
+    base, reference = setup
+    assert checkpoints(reference) == ["step-00000011.pt", "step-00000012.pt"]  # --save-every 1 --keep 2
+    final = load_checkpoint(reference, "step-00000012.pt")
+    assert final["step"] == 12 and final["data_position"][0] == 1, "the run should cross into a second epoch"
+
+
+def test_stopped_and_resumed_run_is_the_same_run(setup, tmp_path):
+    """SIGTERM inside step 3 (in warmup, mid-epoch, accumulation 2): the run saves at step 3 and exits 0;
+    --resume (with other cadence flags) gives bitwise the same losses and weights as never stopping."""
+    base, reference = setup
+    out = str(tmp_path / "out")
+    stop = wrapper(tmp_path, "stop", STOP_AT_STEP)
+    stopped = ok(run(flags(base, out=out, save_every=5), script=stop, env={"STOP_AFTER": "3"}))
+    assert "stopped at step 3 as asked" in stopped.stdout and "took 3 optimizer steps" in stopped.stdout
+    assert checkpoints(out) == ["step-00000003.pt"]
+    state = load_checkpoint(out, "step-00000003.pt")
+    epoch, index = state["data_position"]
+    assert epoch == 0 and 0 < index, "the stop should fall mid-epoch"
+    assert [r["lr"] for r in train_records(out)][-1] < base["lr"], "the stop should fall in the warmup"
+
+    resumed = ok(run(flags(base, out=out, save_every=4, keep=1, resume=True)))
+    assert "resumed from" in resumed.stdout and "step-00000003.pt at step 3" in resumed.stdout
+    assert train_records(out) == train_records(reference)  # every step's loss, each term, lr, grad norm
+    assert [r for r in metrics(out) if "valid_ppl" in r] == [r for r in metrics(reference) if "valid_ppl" in r]
+    assert same_weights(out, reference)
+
+
+@pytest.fixture(scope="module")
+def second_run(setup, tmp_path_factory):
+    """The reference run again, same seed and flags (checkpoints every 4 steps)."""
+    base, _ = setup
+    out = str(tmp_path_factory.mktemp("again") / "out")
+    ok(run(flags(base, out=out, save_every=4, keep=3)))
+    return out
+
+
+def test_same_seed_same_flags_same_losses(setup, second_run):
+    _, reference = setup
+    assert train_records(second_run) == train_records(reference)
+    assert same_weights(second_run, reference)
+
+
+def test_sigkill_while_writing_a_checkpoint_loses_nothing_saved(setup, tmp_path):
+    """SIGKILL halfway through writing the step-9 checkpoint: step 6 stays loadable, the partial file
+    is never taken for a checkpoint, and --resume replays steps 7-12 into the reference run. The log
+    averages 4 steps, so the resumed run must also restore the half-filled log window of step 6."""
+    base, reference = setup
+    out = str(tmp_path / "out")
+    crash = wrapper(tmp_path, "crash", """
+        import io
+        real_save = torch.save
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("step") == 9:
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *args, **kwargs)
+                f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = save
+    """)
+    cadence = dict(save_every=3, keep=2, log_every=4)
+    killed = run(flags(base, out=out, **cadence), script=crash)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == \
+        ["step-00000003.pt", "step-00000006.pt", "step-00000009.pt.tmp"]
+
+    resumed = ok(run(flags(base, out=out, **cadence, resume=True)))
+    assert "step-00000006.pt at step 6" in resumed.stdout
+    assert checkpoints(out) == ["step-00000009.pt", "step-00000012.pt"]  # the partial file is gone
+    assert same_weights(out, reference)
+    per_step = {r["step"]: r for r in train_records(reference)}
+    logged = train_records(out)
+    assert [r["step"] for r in logged] == [4, 8, 12]
+    for record in logged:  # each line is the mean of its 4 steps, as if the run had never stopped
+        window = range(record["step"] - 3, record["step"] + 1)
+        for key in ("loss", "kd", "mlm", "cos"):
+            assert record[key] == sum(per_step[s][key] for s in window) / 4
+
+
+def test_damaged_newest_checkpoint_is_skipped(setup, second_run, tmp_path):
+    """A checkpoint damaged after it was written (disk fault, bad copy) is passed over with a warning,
+    and the resume goes back to the one before."""
+    base, reference = setup
+    out = str(tmp_path / "out")
+    shutil.copytree(second_run, out)
+    newest = os.path.join(out, "checkpoints", "step-00000012.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 3)
+    resumed = ok(run(flags(base, out=out, save_every=4, keep=3, resume=True)))
+    assert "skipping unreadable checkpoint" in resumed.stdout and "step-00000008.pt at step 8" in resumed.stdout
+    assert load_checkpoint(out, "step-00000012.pt")["step"] == 12  # rewritten whole
+    assert train_records(out) == train_records(reference)
+    assert same_weights(out, reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
+    """What a scheduler does before pre-emption: SIGTERM from outside, at whatever step the run is."""
+    base, _ = setup
+    out = str(tmp_path / "out")
+    argv = flags(base, max_steps=100000, valid=None, out=out, save_every=100000)
+    proc = subprocess.Popen(launch(TRAIN, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=ROOT)
+    log = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and len(open(log).readlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout + stderr
+    assert time.time() - sent < 30, "torchrun kills workers 30 s after SIGTERM"
+    stopped_at = int(stdout.split("stopped at step ")[1].split()[0])
+    assert checkpoints(out) == [f"step-{stopped_at:08d}.pt"]
+    assert load_checkpoint(out, checkpoints(out)[0])["step"] == stopped_at == train_records(out)[-1]["step"]
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))  # a stopped run is not a finished one
