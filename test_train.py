@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from conftest import make_bert_teacher
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STEPS = 30
 
