@@ -12,7 +12,9 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, DistilBertConfig,
+                          DistilBertForMaskedLM)
+from transformers.activations import ACT2FN
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
 
@@ -83,6 +85,76 @@ def make_student(teacher, layers=None, init="teacher"):
     for p in student.parameters():
         p.requires_grad_(True)
     return student
+
+
+def check_distilbert_teacher(teacher):
+    """Raise a one-line StudentError if DistilBERT's architecture cannot compute what this teacher does."""
+    config = teacher.config
+    fix = "; drop --student-arch distilbert to keep the teacher's own architecture"
+    if not isinstance(teacher, BertForMaskedLM):
+        raise StudentError(f"--student-arch distilbert converts BERT teachers only, not {type(teacher).__name__}{fix}")
+    if config.layer_norm_eps != 1e-12:  # DistilBERT hard-codes eps=1e-12 in all its LayerNorms
+        raise StudentError(f"--student-arch distilbert: the teacher's LayerNorm epsilon is {config.layer_norm_eps:g}, "
+                           f"DistilBERT's is fixed at 1e-12{fix}")
+    if not (isinstance(config.hidden_act, str) and config.hidden_act in ACT2FN):
+        raise StudentError(f"--student-arch distilbert: the teacher's activation {config.hidden_act!r} is not one "
+                           f"DistilBERT can name (a transformers ACT2FN key){fix}")
+    position_type = getattr(config, "position_embedding_type", "absolute")
+    if position_type != "absolute":  # DistilBERT has one table of learned absolute positions
+        raise StudentError(f"--student-arch distilbert: the teacher uses position_embedding_type={position_type!r}, "
+                           f"DistilBERT only absolute positions{fix}")
+    if config.is_decoder:
+        raise StudentError(f"--student-arch distilbert: the teacher is a decoder (causal attention), "
+                           f"DistilBERT attends both ways{fix}")
+
+
+def make_distilbert_student(teacher, layers=None, init="teacher"):
+    """A DistilBertForMaskedLM with a BERT teacher's `layers` (in that order), converted exactly.
+
+    With every layer the student computes the teacher's logits (up to float rounding); with a
+    subset, those of make_student(teacher, layers). What DistilBERT lacks is folded in:
+    - BERT adds a token-type (segment) embedding to every token; DistilBERT has none. Inputs here
+      are single segments, so every token gets segment 0's row, a constant vector: adding it to
+      every row of the position table gives the same sum word + position + type before the
+      embedding LayerNorm, the only place these embeddings meet. Segment 1 is lost (type_vocab_size
+      > 1 is accepted): use the student on single-segment inputs, as distillation does.
+    - the MLM head: its transform (dense, activation, LayerNorm) becomes vocab_transform and
+      vocab_layer_norm, its decoder (tied to the word embeddings, with its bias) vocab_projector.
+    Each layer maps query/key/value/output to q_lin/k_lin/v_lin/out_lin, the attention and output
+    LayerNorms to sa_layer_norm/output_layer_norm, the feed-forward to ffn.lin1/lin2.
+    init="random" builds the same DistilBERT shape with fresh weights.
+    """
+    check_distilbert_teacher(teacher)
+    c = teacher.config
+    layers = check_layers(default_layers(c.num_hidden_layers) if layers is None else layers, c.num_hidden_layers)
+    config = DistilBertConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, sinusoidal_pos_embds=False,
+        n_layers=len(layers), n_heads=c.num_attention_heads, dim=c.hidden_size, hidden_dim=c.intermediate_size,
+        activation=c.hidden_act, dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob,
+        initializer_range=c.initializer_range, pad_token_id=c.pad_token_id, tie_word_embeddings=c.tie_word_embeddings,
+        chunk_size_feed_forward=c.chunk_size_feed_forward)  # qa/seq_classif dropouts: for later task heads
+    student = DistilBertForMaskedLM(config).to(device=teacher.device, dtype=teacher.dtype)
+    if init == "random":
+        return student.train()
+    if init != "teacher":
+        raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
+    bert, distil, head = teacher.bert, student.distilbert, teacher.cls.predictions
+    pairs = [(distil.embeddings.word_embeddings, bert.embeddings.word_embeddings),
+             (distil.embeddings.LayerNorm, bert.embeddings.LayerNorm),
+             (student.vocab_transform, head.transform.dense), (student.vocab_layer_norm, head.transform.LayerNorm),
+             (student.vocab_projector, head.decoder)]  # weight tied to the word embeddings unless the teacher's is not
+    for block, i in zip(distil.transformer.layer, layers):
+        t = bert.encoder.layer[i]
+        pairs += [(block.attention.q_lin, t.attention.self.query), (block.attention.k_lin, t.attention.self.key),
+                  (block.attention.v_lin, t.attention.self.value), (block.attention.out_lin, t.attention.output.dense),
+                  (block.sa_layer_norm, t.attention.output.LayerNorm), (block.ffn.lin1, t.intermediate.dense),
+                  (block.ffn.lin2, t.output.dense), (block.output_layer_norm, t.output.LayerNorm)]
+    with torch.no_grad():
+        for student_module, teacher_module in pairs:
+            student_module.load_state_dict(teacher_module.state_dict())
+        distil.embeddings.position_embeddings.weight.copy_(
+            bert.embeddings.position_embeddings.weight + bert.embeddings.token_type_embeddings.weight[0])
+    return student.train()
 
 
 def usable_positions(model):
