@@ -201,6 +201,12 @@ def load_teacher(name_or_path):
         raise StudentError(f"--teacher {name_or_path} has no trained masked-LM head: missing "
                            f"{', '.join(head_missing[:3])}{', ...' if len(head_missing) > 3 else ''}{hint}; "
                            "transformers would start it at random, so pass a checkpoint saved as a masked LM")
+    relative = sorted(k for k in info["unexpected_keys"] if "distance_embedding" in k)
+    if relative:  # transformers 5 dropped relative_key positions from BERT-style models: it would run without them
+        kind = getattr(config, "position_embedding_type", "relative")
+        raise StudentError(f"--teacher {name_or_path} uses position_embedding_type={kind!r}, which transformers 5 no "
+                           f"longer implements for '{config.model_type}' (it would ignore {relative[0]}, ...); "
+                           "pass a teacher with absolute position embeddings")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -378,3 +378,19 @@ def test_deberta_without_mlm_head_is_refused(tmp_path):
     message = str(e.value)
     assert "\n" not in message
     assert "no trained masked-LM head" in message and "replaced-token detection" in message
+
+
+def test_relative_position_checkpoint_is_refused(tmp_path):
+    """transformers 5 dropped BERT's relative_key positions: such a teacher would silently run without them."""
+    tokenizer = wordpiece_tokenizer(str(tmp_path), ENGLISH, lowercase=True)
+    BertForMaskedLM(tiny(BertConfig, tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / "config.json"))
+    json.dump({**config, "position_embedding_type": "relative_key"}, open(tmp_path / "config.json", "w"))
+    weights = load_file(tmp_path / "model.safetensors")
+    for i in range(N_LAYERS):  # what a checkpoint trained with relative_key positions holds
+        weights[f"bert.encoder.layer.{i}.attention.self.distance_embedding.weight"] = torch.randn(2 * POSITIONS - 1, 16)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StudentError) as e:
+        load_teacher(str(tmp_path))
+    assert "position_embedding_type='relative_key'" in str(e.value) and "\n" not in str(e.value)
