@@ -5,6 +5,9 @@ same class, same embeddings, same MLM head, and a subset of the layers, copied i
 here names a parameter: the layer list is found from the model's structure, so every BERT-family
 masked LM that transformers has (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA generators, DeBERTa-v2,
 multilingual and domain BERTs) works the same way.
+
+`make_distilbert_student` instead converts a BERT teacher into DistilBERT's own architecture
+(DistilBertForMaskedLM, as the released distilbert-base-uncased), exactly.
 """
 
 import copy

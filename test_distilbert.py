@@ -171,7 +171,11 @@ def test_saves_and_reloads_as_distilbert(teacher, teacher_dir, batch, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert reloaded.vocab_projector.weight is reloaded.distilbert.embeddings.word_embeddings.weight
     torch.testing.assert_close(logits(reloaded.eval(), batch), logits(student, batch), rtol=0, atol=0)
-    assert type(load_teacher(out)) is DistilBertForMaskedLM  # its MLM head is complete
+    # its MLM head is complete, so it can teach in turn: a same-class student of it is exact too
+    distil_teacher = load_teacher(out)
+    assert type(distil_teacher) is DistilBertForMaskedLM
+    again = make_student(distil_teacher, [0, 1]).eval()
+    torch.testing.assert_close(logits(again, batch), logits(student, batch), rtol=0, atol=0)
 
 
 def test_random_init_has_the_shape_and_fresh_weights(teacher):
