@@ -68,8 +68,16 @@ def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_
         n = sum(p.numel() for p in model.parameters())
         return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
-    weights = [(run["alpha_kd"], "KD"), (run["alpha_mlm"], "MLM"), (run["alpha_cos"], "COS"), (run["alpha_mse"], "MSE")]
+    weights = [(run["alpha_kd"], "KD"), (run["alpha_mlm"], "MLM"), (run["alpha_cos"], "COS"), (run["alpha_mse"], "MSE"),
+               (run.get("alpha_hidden", 0), "HIDDEN"), (run.get("alpha_attn", 0), "ATTN"),
+               (run.get("alpha_relation", 0), "RELATION")]
     loss = " + ".join(f"{w:g}·{name}" for w, name in weights if w > 0)
+    intermediate = [f"{name} = {what}" for w, name, what in [  # the intermediate-layer losses, if any
+        (run.get("alpha_hidden", 0), "HIDDEN", f"{run.get('hidden_loss', 'mse')} between hidden states"),
+        (run.get("alpha_attn", 0), "ATTN", f"{run.get('attn_loss', 'kl')} between attention maps"),
+        (run.get("alpha_relation", 0), "RELATION", "MiniLMv2 query/key/value relations")] if w > 0]
+    intermediate = "" if not intermediate else "; " + ", ".join(intermediate) + (
+        f" (teacher:student layers {run['layer_map']})" if run.get("layer_map") else "")
     kd_on = "every non-padding position" if run["kd_on"] == "all" else "the masked positions only"
     init = (f"teacher layers {', '.join(map(str, layers))} (of {teacher.config.num_hidden_layers}), with the "
             "teacher's embeddings and masked-LM head" if run.get("student_init", "teacher") == "teacher"
@@ -103,7 +111,7 @@ states while learning the masked-language-modelling task.
 - Student initialised from {init}.
 - Loss = {loss}, where KD = T²·KL(softmax(teacher/T) ‖ softmax(student/T)) at temperature
   T = {run['temperature']:g}, over {kd_on}; MLM = cross-entropy at the masked positions, COS = 1 − cosine
-  between the last hidden states{', MSE = squared error between the logits' if run['alpha_mse'] > 0 else ''}.
+  between the last hidden states{', MSE = squared error between the logits' if run['alpha_mse'] > 0 else ''}{intermediate}.
 - Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% {mask_token}, 10% random, 10% unchanged){smoothing}.
 - {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run['seq_len']} tokens
   ({'packed' if run.get('pack', True) else 'one document each'}); AdamW, peak learning rate {run['lr']:g},

@@ -221,6 +221,11 @@ def test_model_card_takes_language_and_license_from_the_teacher_card_or_the_flag
     assert header["datasets"] == ["wikitext"] and "license" not in header
     assert "[bert-base-uncased](https://huggingface.co/bert-base-uncased)" in body
     assert 'model="someone/tiny-distil"' in body
+    assert "HIDDEN" not in body
+    run.update(alpha_hidden=1.0, hidden_loss="cos", layer_map="0:0,3:1")  # intermediate-layer losses
+    _, body = front_matter(modelcard.model_card(run, *args))
+    assert "5·KD + 2·MLM + 1·COS + 1·HIDDEN" in body and "HIDDEN = cos between hidden states" in body
+    assert "(teacher:student layers 0:0,3:1)" in body
 
 
 # ---- the Hub -------------------------------------------------------------------------------
