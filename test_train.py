@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -177,9 +178,16 @@ def test_config_with_unknown_key(tiny_teacher, tiny_corpus, tmp_path):
     line = one_line_error(train("--config", str(config), "--train", tiny_corpus[0], "--out", str(tmp_path / "o")))
     assert "learning_rate" in line and "alpha" not in line.split("learning_rate")[1] and "unknown" in line
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_config_not_json(tmp_path):
+    from train import parse_args
+    config = tmp_path / "bad.json"
     config.write_text("{not json")
-    line = one_line_error(train("--config", str(config), "--train", tiny_corpus[0], "--out", str(tmp_path / "o")))
-    assert "bad.json" in line
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--config", str(config)])
+    assert str(info.value).startswith("error: --config") and "bad.json" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_config_values_and_command_line_precedence(tmp_path):
@@ -221,19 +229,30 @@ BAD_RUNS = {
 }
 
 
+@pytest.fixture(scope="session")
+def bad_runs(tiny_teacher, tiny_corpus, bad_teachers, tmp_path_factory):
+    """{case: (its folder, the finished process)}, two runs at a time: mostly start-up, one core each."""
+    def bad_run(case):
+        folder = tmp_path_factory.mktemp("bad_run")
+        (folder / "empty.txt").write_text("")
+        (folder / "table.csv").write_text("body,label\nthe cat sat on the mat,1\n")
+        flags = {"--teacher": tiny_teacher, "--train": tiny_corpus[0], "--out": str(folder / "out"),
+                 "--cache-dir": str(folder / "cache"), "--layers": "0,3", "--seq-len": "32", "--batch-size": "8",
+                 "--max-steps": "5", "--dtype": "fp32", "--no-progress": None}
+        flags.update({k: v.format(tmp=folder, **bad_teachers) for k, v in BAD_RUNS[case][0].items()})
+        return folder, train(*[x for k, v in flags.items() for x in ((k,) if v is None else (k, v))],
+                             OMP_NUM_THREADS="1")
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(BAD_RUNS, pool.map(bad_run, BAD_RUNS)))
+
+
 @pytest.mark.parametrize("case", list(BAD_RUNS))
-def test_bad_input_stops_at_once(case, tiny_teacher, tiny_corpus, bad_teachers, tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "table.csv").write_text("body,label\nthe cat sat on the mat,1\n")
-    changes, words = BAD_RUNS[case]
-    flags = {"--teacher": tiny_teacher, "--train": tiny_corpus[0], "--out": str(tmp_path / "out"),
-             "--cache-dir": str(tmp_path / "cache"), "--layers": "0,3", "--seq-len": "32", "--batch-size": "8",
-             "--max-steps": "5", "--dtype": "fp32", "--no-progress": None}
-    flags.update({k: v.format(tmp=tmp_path, **bad_teachers) for k, v in changes.items()})
-    result = train(*[x for k, v in flags.items() for x in ((k,) if v is None else (k, v))])
+def test_bad_input_stops_at_once(case, bad_runs):
+    folder, result = bad_runs[case]
     line = one_line_error(result)
-    assert line.startswith("error") and words in line, line
+    assert line.startswith("error") and BAD_RUNS[case][1] in line, line
     # stopped before any work: no output folder, and the corpus not even tokenized
-    assert not os.path.exists(tmp_path / "out")
-    assert not os.path.exists(tmp_path / "cache") or \
-        all(name.endswith(".lock") for name in os.listdir(tmp_path / "cache")), os.listdir(tmp_path / "cache")
+    assert not os.path.exists(folder / "out")
+    assert not os.path.exists(folder / "cache") or \
+        all(name.endswith(".lock") for name in os.listdir(folder / "cache")), os.listdir(folder / "cache")
