@@ -202,6 +202,15 @@ def test_teacher_loads_as_its_own_class_with_its_tokenizer(family):
     # the tokenizer covers the corpus: no unknown pieces, whatever the script
     ids = tokenizer(sample_texts(family.train))["input_ids"]
     assert tokenizer.unk_token_id not in [i for row in ids for i in row]
+    # each is the kind of tokenizer its family has
+    text, pieces = {"bert-uncased": ("The House", ["the", "house"]), "bert-cased": ("The House", ["The", "House"]),
+                    "bert-multilingual": ("Москва 東京 Łódź", ["Москва", "東", "京", "Łódź"]),
+                    "roberta": ("The House", ["The", "ĠHouse"])}.get(family.name, (None, None))
+    if pieces:
+        assert tokenizer.tokenize(text) == pieces
+    if family.name != "bert-uncased":  # the others are lossless (but BERT spaces out CJK characters)
+        text = " ".join(FAMILIES[family.name][0][-6:])
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_all_layers_reproduce_teacher_logits(family):
