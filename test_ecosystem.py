@@ -390,3 +390,26 @@ def test_student_serves_the_fill_mask_pipeline(tiny_run):
         logits = model(**inputs).logits[0, inputs["input_ids"][0] == tokenizer.mask_token_id][0]
     assert predictions[0]["token"] == logits.argmax().item()
     assert all(p["sequence"].startswith("the cat ") for p in predictions)
+
+def test_train_mirrors_metrics_to_tensorboard_and_writes_the_model_card(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = str(tmp_path / "run")
+    argv = ["--teacher", tiny_teacher, "--train", tiny_corpus[0], "--valid", tiny_corpus[1], "--out", out,
+            "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "8", "--max-steps", "6",
+            "--log-every", "2", "--eval-every", "3", "--no-progress", "--log", "tensorboard", "--language", "en"]
+    assert train.main(argv) == 6
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    scalars = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    assert [s for s, _ in scalars["loss"]] == [r["step"] for r in records if "loss" in r]
+    assert [v for _, v in scalars["valid_ppl"]] == pytest.approx([r["valid_ppl"] for r in records if "valid_ppl" in r])
+    header, body = front_matter(open(os.path.join(out, "README.md"), encoding="utf-8").read())
+    assert header["language"] == "en" and header["pipeline_tag"] == "fill-mask"
+    final_ppl = [r["valid_ppl"] for r in records if "valid_ppl" in r][-1]
+    assert f"| {records[0]['teacher_ppl']:.2f} | {final_ppl:.2f} |" in body
+    with pytest.raises(modelcard.HubError, match="the student is saved in"):  # offline: a clear error, nothing lost
+        train.main(argv[:argv.index("--out") + 1] + [str(tmp_path / "run2")] + argv[argv.index("--out") + 2:]
+                   + ["--push-to-hub", "someone/tiny"])
+    assert os.path.isfile(str(tmp_path / "run2" / "model.safetensors"))
+    assert os.path.isfile(str(tmp_path / "run2" / "README.md"))

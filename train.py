@@ -29,6 +29,8 @@ from checkpoint import (CheckpointError, check_out_dir, check_resumable, load_la
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, count_rows, default_layer_map, distil_step, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
+from logs import LogError, check_log_spec, close_loggers, open_loggers, write_metrics
+from modelcard import HubError, push_to_hub, write_model_card
 from student import (StudentError, check_layers, default_layers, load_teacher, load_tokenizer, make_student,
                      save_student, usable_positions)
 
@@ -103,6 +105,11 @@ def parse_args(argv=None):
     a("--max-bad-steps", type=int, default=10,
       help="stop after this many consecutive steps with a non-finite loss or gradient")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # the ecosystem (each optional package is imported only when asked for)
+    a("--log", default="", help="also send the metrics to tensorboard, wandb or both (tensorboard,wandb)")
+    a("--wandb-project", help="W&B project (default: $WANDB_PROJECT, else bert-distil)")
+    a("--language", help="language code(s) for the model card, e.g. en or de,fr (default: the teacher card's)")
+    a("--push-to-hub", metavar="NAME", help="upload the finished student to this Hugging Face Hub repository")
 
     pre, _ = p.parse_known_args(argv)
     if pre.config:
@@ -187,6 +194,7 @@ def main(argv=None):
 
     # ---- inputs, all checked before anything is written or the process group starts ----
     check_out_dir(args.out, args.resume)
+    check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
     config = run_config(args, world_size)
     ckpt_path = ckpt = None
     if args.resume:
@@ -287,9 +295,10 @@ def main(argv=None):
             json.dump(config, f, indent=1)
         # Drop what a crashed run logged after the checkpoint we resume from (a new run starts empty).
         truncate_metrics(args.out, step if args.resume else -1)
+    loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
     if valid_seqs is not None and teacher_ppl is None:
         teacher_ppl = evaluate(teacher)
-        log(args, master, {"step": step, "teacher_ppl": teacher_ppl})
+        log(args, master, {"step": step, "teacher_ppl": teacher_ppl}, loggers)
 
     # ---- the loop ----
     def micro_batches(micro):
@@ -303,7 +312,7 @@ def main(argv=None):
 
     stream = micro_batches(step * args.grad_accum)
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    t_log, tokens_seen, bad_steps = time.time(), 0, 0
+    t_log, tokens_seen, bad_steps, valid_ppl = time.time(), 0, 0, None
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
         while step < total_steps:
             micro = [next(stream) for _ in range(args.grad_accum)]
@@ -379,31 +388,41 @@ def main(argv=None):
                           "skipped_steps": skipped}
                 if scaler.is_enabled():
                     record["scale"] = scaler.get_scale()
-                log(args, master, record)
+                log(args, master, record, loggers)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window, n_logged, t_log, tokens_seen = [0.0] * len(names), 0, time.time(), 0
             if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
-                log(args, master, {"step": step, "valid_ppl": evaluate(unwrap(model)), "teacher_ppl": teacher_ppl})
+                valid_ppl = evaluate(unwrap(model))
+                log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             if (step % args.save_every == 0 or step == total_steps) and bad_steps == 0:
                 save(step)
     bar.close()
+    close_loggers(loggers)
 
     if step == total_steps and master:
         save_student(student, tokenizer, args.out)
+        corpora = {"train": (args.train, len(corpus.tokens)),
+                   "valid": (args.valid, len(valid_seqs.tokens) if valid_seqs is not None else 0)}
+        write_model_card(args.out, config, teacher, student, tokenizer.mask_token,
+                         layers or default_layers(teacher.config.num_hidden_layers), step, corpora,
+                         valid_ppl, teacher_ppl)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
+        print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
     return step
 
 
-def log(args, master, record):
-    """One line of metrics.jsonl per logged step (rank 0 only)."""
+def log(args, master, record, loggers=()):
+    """One line of metrics.jsonl per logged step (rank 0 only), mirrored to --log's backends."""
     if not master:
         return
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    write_metrics(loggers, record)
     if "valid_ppl" in record or "teacher_ppl" in record and len(record) == 2:
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
@@ -411,7 +430,7 @@ def log(args, master, record):
 if __name__ == "__main__":
     try:
         main()
-    except (StudentError, DataError, CheckpointError, FloatingPointError) as e:
+    except (StudentError, DataError, CheckpointError, FloatingPointError, LogError, HubError) as e:
         rank = os.environ.get("RANK")
         sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints already written are intact
