@@ -128,6 +128,8 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
     init="random" builds the same DistilBERT shape with fresh weights.
     """
     check_distilbert_teacher(teacher)
+    if init not in ("teacher", "random"):
+        raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
     c = teacher.config
     layers = check_layers(default_layers(c.num_hidden_layers) if layers is None else layers, c.num_hidden_layers)
     config = DistilBertConfig(
@@ -139,8 +141,6 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
     student = DistilBertForMaskedLM(config).to(device=teacher.device, dtype=teacher.dtype)
     if init == "random":
         return student.train()
-    if init != "teacher":
-        raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
     bert, distil, head = teacher.bert, student.distilbert, teacher.cls.predictions
     pairs = [(distil.embeddings.word_embeddings, bert.embeddings.word_embeddings),
              (distil.embeddings.LayerNorm, bert.embeddings.LayerNorm),
@@ -155,6 +155,7 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
     with torch.no_grad():
         for student_module, teacher_module in pairs:
             student_module.load_state_dict(teacher_module.state_dict())
+        # segment 0's vector joins every position's: the LayerNorm sees the same word + position + segment sum
         distil.embeddings.position_embeddings.weight.copy_(
             bert.embeddings.position_embeddings.weight + bert.embeddings.token_type_embeddings.weight[0])
     return student.train()
