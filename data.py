@@ -102,8 +102,8 @@ def read_documents(path, text_column="text"):
                                         f"(found: {keys}); pass --text-column with the name of the text field")
                     if record[text_column].strip():
                         yield record[text_column].strip(), len(line)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (undecodable byte near line {line_no + 1}); "
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (line {_first_undecodable_line(path)}); "
                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
     except csv.Error as e:
         raise DataError(f"{path} line {line_no + 1}: malformed CSV ({e}); fix the quoting or use .jsonl") from None
@@ -168,6 +168,18 @@ def read_dataset_documents(path, text_column="text"):
         for text in batch[text_column]:
             if text and text.strip():
                 yield text.strip(), len(text) + 1
+
+
+def _first_undecodable_line(path):
+    """The line holding the first byte that is not UTF-8 (text is decoded in chunks, so the reader's own
+    line count stops at the chunk, not at the line)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return "?"
 
 
 # ---------------------------------------------------------------------------------------------
