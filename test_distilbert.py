@@ -240,8 +240,6 @@ def make_bert(hidden_act_after_build=None, **config):
     return model
 
 
-@pytest.mark.skipif("--student-arch" not in open(os.path.join(HERE, "train.py")).read(),
-                    reason="train.py has no --student-arch flag yet")
 def test_train_py_student_arch_distilbert(teacher_dir, tiny_corpus, tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--teacher", teacher_dir, "--train", tiny_corpus[0],

@@ -31,8 +31,8 @@ from distil import DistilConfig, count_rows, default_layer_map, distil_step, unw
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, open_loggers, write_metrics
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, check_layers, default_layers, load_teacher, load_tokenizer, make_student,
-                     save_student, usable_positions)
+from student import (StudentError, check_distilbert_teacher, check_layers, default_layers, load_teacher,
+                     load_tokenizer, make_distilbert_student, make_student, save_student, usable_positions)
 
 
 def default_cache_dir():
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
     a("--student-init", default="teacher", choices=["teacher", "random"],
       help="copy the teacher's weights (the recipe) or start from random ones (ablation)")
+    a("--student-arch", default="teacher", choices=["teacher", "distilbert"],
+      help="the student's class: the teacher's own, or DistilBertForMaskedLM converted exactly from a BERT teacher")
     # data
     a("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included")
     a("--no-pack", dest="pack", action="store_false",
@@ -208,6 +210,8 @@ def main(argv=None):
         raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
     if layers is not None:  # now, not after tokenizing the corpus
         check_layers(layers, teacher.config.num_hidden_layers)
+    if args.student_arch == "distilbert":
+        check_distilbert_teacher(teacher)
     max_len = usable_positions(teacher)
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
@@ -236,7 +240,8 @@ def main(argv=None):
                         "or --grad-accum, or pass a longer corpus")
     n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    student = make_student(teacher, layers, args.student_init).to(device)
+    build = make_distilbert_student if args.student_arch == "distilbert" else make_student
+    student = build(teacher, layers, args.student_init).to(device)
     teacher.to(device)
     if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
         teacher.to(dtype)
