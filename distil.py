@@ -121,12 +121,22 @@ def _attention_with_capture(module, query, key, value, attention_mask, scaling=N
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
+def check_capture(model):
+    """Attention losses read attention through transformers' attention functions: say so if a model has none."""
+    model = unwrap(model)
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not compute its attention through transformers' attention "
+                         "functions (DeBERTa's disentangled attention does not), so attention and relation losses "
+                         "cannot read it; use --alpha-hidden instead")
+
+
 def enable_capture(model, layer_indices):
     """Route `model`'s attention through _attention_with_capture, capturing in layers `layer_indices` (0-based)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     from student import encoder_layers
+    check_capture(model)
     model = unwrap(model)
     if model.config._attn_implementation != "distil_capture":
         AttentionInterface.register("distil_capture", _attention_with_capture)
@@ -141,12 +151,7 @@ def captured(model, layer_index):
     """What the attention of layer `layer_index` (0-based) kept in the last forward."""
     from student import encoder_layers
     layer = encoder_layers(unwrap(model))[layer_index]
-    found = [m.distil_captured for m in layer.modules() if hasattr(m, "distil_captured")]
-    if not found:
-        raise ValueError(f"{type(unwrap(model)).__name__} does not compute its attention through transformers' "
-                         "attention functions (DeBERTa's disentangled attention does not): attention and relation "
-                         "losses cannot read it")
-    return found[0]
+    return next(m.distil_captured for m in layer.modules() if hasattr(m, "distil_captured"))
 
 
 def distil_step(student, teacher, batch, cfg, denominators=None):

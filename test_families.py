@@ -365,6 +365,18 @@ def test_train_refuses_a_seq_len_beyond_the_positions(family, tmp_path):
                     "--cache-dir", str(tmp_path / "cache"), "--seq-len", str(POSITIONS + 1)])
 
 
+def test_attention_losses_say_which_families_they_cannot_read(family, tmp_path):
+    argv = ["--teacher", family.folder, "--train", family.train, "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--seq-len", "24", "--alpha-relation", "1"]
+    if family.name.startswith("deberta"):  # disentangled attention: no q/k/v or scores to capture
+        with pytest.raises(StudentError, match="DeBERTa's disentangled attention"):
+            train.main(argv)
+        assert not os.path.exists(tmp_path / "run")
+    else:
+        assert train.main(argv + ["--layers", "0,3", "--batch-size", "4", "--max-steps", "2", "--no-progress",
+                                  "--alpha-attn", "1", "--dtype", "fp32"]) == 2
+
+
 # ---- checkpoints trained for replaced-token detection have no MLM head ----
 
 def test_electra_discriminator_is_refused(tmp_path):

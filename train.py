@@ -27,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint, stop_signals,
                         truncate_metrics)
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import DistilConfig, count_rows, default_layer_map, distil_step, unwrap
+from distil import DistilConfig, check_capture, count_rows, default_layer_map, distil_step, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, open_loggers, write_metrics
 from modelcard import HubError, push_to_hub, write_model_card
@@ -221,6 +221,11 @@ def main(argv=None):
                        args.relation_heads, parse_layer_map(args.layer_map, layers, teacher))
     if not cfg.needs_teacher() and cfg.alpha_mlm <= 0:
         raise DataError("every --alpha-* is 0: turn on at least one loss")
+    if cfg.alpha_attn > 0 or cfg.alpha_relation > 0:
+        try:
+            check_capture(teacher)
+        except ValueError as e:
+            raise StudentError(f"--alpha-attn/--alpha-relation: {e}")
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
