@@ -184,18 +184,21 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
                                                      cfg.needs_hidden_states())
 
     real, n_real = rows["cos"], denominators["cos"]
+    # A student narrower than its teacher compares hidden states through a learned projection.
+    projection = getattr(unwrap(student), "distil_projection", None)
+    project = projection if projection is not None else (lambda hidden: hidden)
     terms = {}
     if cfg.alpha_kd > 0:
         terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"])
     if cfg.alpha_mlm > 0:
         terms["mlm"] = mlm_loss(student_logits, labels[student_rows], denominators["mlm"])
     if cfg.alpha_cos > 0:
-        terms["cos"] = cosine_loss(student_hidden[-1][real], teacher_hidden[-1][real], n_real)
+        terms["cos"] = cosine_loss(project(student_hidden[-1][real]), teacher_hidden[-1][real], n_real)
     if cfg.alpha_mse > 0:
         terms["mse"] = mse_loss(student_logits, teacher_logits, denominators["kd"])
     if cfg.alpha_hidden > 0:
         pair_loss = hidden_mse_loss if cfg.hidden_loss == "mse" else cosine_loss
-        terms["hidden"] = sum(pair_loss(student_hidden[s][real], teacher_hidden[t][real], n_real)
+        terms["hidden"] = sum(pair_loss(project(student_hidden[s][real]), teacher_hidden[t][real], n_real)
                               for t, s in cfg.layer_map) / len(cfg.layer_map)
     if cfg.alpha_attn > 0:
         terms["attn"] = sum(attention_loss(captured(student, s), captured(teacher, t), attention_mask, real, n_real, cfg)

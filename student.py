@@ -90,6 +90,56 @@ def make_student(teacher, layers=None, init="teacher"):
     return student
 
 
+def make_narrow_student(teacher, layers=None, hidden_size=None, num_heads=None, init="teacher"):
+    """A student of the teacher's class, narrower as well as shallower: `hidden_size` and `num_heads`
+    of its own, the feed-forward width scaled by the same factor.
+
+    init="teacher" starts every weight as the top-left block of the teacher's matching weight (the
+    first rows and columns: the first heads' dimensions, the first hidden units), with the layers
+    mapped through `layers`; init="random" starts from fresh weights. A student of the teacher's
+    width is make_student's. Losses that compare hidden states (cosine, hidden) need
+    add_projection; KD, MLM and the relation loss do not.
+    """
+    c = teacher.config
+    layers = check_layers(default_layers(c.num_hidden_layers) if layers is None else layers, c.num_hidden_layers)
+    hidden_size, num_heads = hidden_size or c.hidden_size, num_heads or c.num_attention_heads
+    if hidden_size % num_heads or hidden_size > c.hidden_size:
+        raise StudentError(f"--student-hidden {hidden_size} --student-heads {num_heads}: the hidden size must be a "
+                           f"multiple of the heads and at most the teacher's {c.hidden_size}")
+    config = copy.deepcopy(c)
+    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = len(layers), hidden_size, num_heads
+    config.intermediate_size = c.intermediate_size * hidden_size // c.hidden_size
+    if getattr(c, "embedding_size", None) == c.hidden_size:  # ELECTRA's embeddings follow the width
+        config.embedding_size = hidden_size
+    student = type(teacher)(config).to(teacher.device)
+    if init == "teacher":
+        # the layer list's own name (e.g. "bert.encoder.layer") maps student layer j to teacher layer layers[j]
+        prefix = next(name for name, m in teacher.named_modules() if m is encoder_layers(teacher)) + "."
+        source = dict(teacher.named_parameters())
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if name.startswith(prefix):
+                    j, rest = name[len(prefix):].split(".", 1)
+                    name = f"{prefix}{layers[int(j)]}.{rest}"
+                p.copy_(source[name][tuple(slice(0, n) for n in p.shape)])
+    elif init != "random":
+        raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
+    return student.train().requires_grad_(True)
+
+
+def add_projection(student, teacher_hidden_size, identity=True):
+    """A learned map from the student's hidden size to the teacher's, for the losses that compare
+    hidden states (TinyBERT's W_h). It is a submodule of the student, so the optimizer, the DDP
+    wrap and the checkpoints cover it; save_student leaves it out of the saved model. identity=True
+    starts it as [I; 0]: right for a student cut from the teacher's first dimensions."""
+    projection = nn.Linear(student.config.hidden_size, teacher_hidden_size, bias=False).to(student.device)
+    if identity:
+        with torch.no_grad():
+            projection.weight.copy_(torch.eye(teacher_hidden_size, student.config.hidden_size))
+    student.distil_projection = projection
+    return student
+
+
 def check_distilbert_teacher(teacher):
     """Raise a one-line StudentError if DistilBERT's architecture cannot compute what this teacher does."""
     config = teacher.config
@@ -258,7 +308,9 @@ def save_student(student, tokenizer, out_dir):
     """
     tmp = os.path.join(out_dir, ".saving")
     os.makedirs(tmp, exist_ok=True)
-    student.save_pretrained(tmp)
+    # a projection used only by the losses (add_projection) is not part of the Hugging Face model
+    weights = {k: v for k, v in student.state_dict().items() if not k.startswith("distil_projection.")}
+    student.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
     for name in names:

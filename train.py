@@ -31,8 +31,8 @@ from distil import DistilConfig, check_capture, count_rows, default_layer_map, d
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, open_loggers, write_metrics
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, check_distilbert_teacher, check_layers, default_layers, load_teacher,
-                     load_tokenizer, make_distilbert_student, make_student, save_student, usable_positions)
+from student import (StudentError, add_projection, check_layers, default_layers, load_teacher, load_tokenizer,
+                     make_distilbert_student, make_narrow_student, make_student, save_student, usable_positions)
 
 
 def default_cache_dir():
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
     a("--student-init", default="teacher", choices=["teacher", "random"],
       help="copy the teacher's weights (the recipe) or start from random ones (ablation)")
+    a("--student-hidden", type=int, help="a narrower student: its hidden size (default: the teacher's)")
+    a("--student-heads", type=int, help="with --student-hidden: its attention heads (default: the teacher's)")
     a("--student-arch", default="teacher", choices=["teacher", "distilbert"],
       help="the student's class: the teacher's own, or DistilBertForMaskedLM converted exactly from a BERT teacher")
     # data
@@ -210,8 +212,6 @@ def main(argv=None):
         raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
     if layers is not None:  # now, not after tokenizing the corpus
         check_layers(layers, teacher.config.num_hidden_layers)
-    if args.student_arch == "distilbert":
-        check_distilbert_teacher(teacher)
     max_len = usable_positions(teacher)
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
@@ -226,6 +226,16 @@ def main(argv=None):
             check_capture(teacher)
         except ValueError as e:
             raise StudentError(f"--alpha-attn/--alpha-relation: {e}")
+    if args.student_arch == "distilbert":
+        if args.student_hidden or args.student_heads:
+            raise StudentError("--student-hidden/--student-heads do not combine with --student-arch distilbert")
+        student = make_distilbert_student(teacher, layers, args.student_init)
+    elif args.student_hidden or args.student_heads:
+        student = make_narrow_student(teacher, layers, args.student_hidden, args.student_heads, args.student_init)
+        if student.config.hidden_size != teacher.config.hidden_size and (cfg.alpha_cos > 0 or cfg.alpha_hidden > 0):
+            add_projection(student, teacher.config.hidden_size, identity=args.student_init == "teacher")
+    else:
+        student = make_student(teacher, layers, args.student_init)
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
@@ -245,8 +255,7 @@ def main(argv=None):
                         "or --grad-accum, or pass a longer corpus")
     n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-    build = make_distilbert_student if args.student_arch == "distilbert" else make_student
-    student = build(teacher, layers, args.student_init).to(device)
+    student.to(device)
     teacher.to(device)
     if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
         teacher.to(dtype)
