@@ -8,6 +8,7 @@ flushed to disk and renamed: a crash while writing leaves the previous checkpoin
 never a partial file under a checkpoint's name.
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -35,6 +36,10 @@ def checkpoint_dir(out_dir):
     return os.path.join(out_dir, "checkpoints")
 
 
+def checkpoint_path(out_dir, step):
+    return os.path.join(checkpoint_dir(out_dir), f"step-{step:08d}.pt")
+
+
 def list_checkpoints(out_dir):
     """Finished checkpoints, oldest first (temporary files never match the pattern)."""
     paths = glob.glob(os.path.join(checkpoint_dir(out_dir), "step-*.pt"))
@@ -47,7 +52,7 @@ def save_checkpoint(state, out_dir, keep):
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, "*.tmp")):  # left by a writer that was killed
         os.remove(stale)
-    path = os.path.join(folder, f"step-{state['step']:08d}.pt")
+    path = checkpoint_path(out_dir, state["step"])
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -105,6 +110,18 @@ def check_out_dir(out_dir, resume):
     if leftovers:
         raise CheckpointError(f"--out {out_dir} already holds a run ({', '.join(leftovers)}); "
                               "pass --resume to continue it, or choose another --out")
+
+
+def lock_out_dir(out_dir):
+    """Hold OUT/.lock for as long as the returned file stays open: a second run (or a second --resume)
+    in the same folder stops at once instead of interleaving its checkpoints and log with this one's."""
+    lock = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CheckpointError(f"--out {out_dir} is in use by another run (it holds the lock on {lock.name}); "
+                              "wait for it to finish or choose another --out") from None
+    return lock
 
 
 def truncate_metrics(out_dir, step):

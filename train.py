@@ -24,8 +24,8 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, check_resumable, load_latest, save_checkpoint, stop_signals,
-                        truncate_metrics)
+from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
+                        save_checkpoint, stop_signals, truncate_metrics)
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, check_capture, count_rows, default_layer_map, distil_step, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
@@ -297,7 +297,8 @@ def main(argv=None):
                      "scaler": scaler.state_dict(), "step": step, "config": config,
                      "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "log_window": (window, n_logged),
                      "rng_cpu": torch.get_rng_state(), "data_position": divmod(step * args.grad_accum, n_batches)}
-            last_ckpt = save_checkpoint(state, args.out, args.keep)
+            save_checkpoint(state, args.out, args.keep)
+        last_ckpt = checkpoint_path(args.out, step)  # on every rank: each names it if it stops on NaNs
         if ddp:
             dist.barrier()
 
@@ -310,6 +311,7 @@ def main(argv=None):
 
     if master:
         os.makedirs(args.out, exist_ok=True)
+        out_lock = lock_out_dir(args.out)  # held until main returns or the process ends, however it ends
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump(config, f, indent=1)
         # Drop what a crashed run logged after the checkpoint we resume from (a new run starts empty).
@@ -429,6 +431,10 @@ def main(argv=None):
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
     if ddp:
         dist.barrier()
+        # Let gloo's worker threads take the GIL to free the tensors of finished collectives: the last
+        # reference to the process group joins those threads while holding the GIL, and a thread still
+        # waiting for it then hangs the exit (seen about once in 30 runs with torch 2.13 on CPU).
+        time.sleep(0.2)
         dist.destroy_process_group()
     if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
