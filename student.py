@@ -228,6 +228,10 @@ def load_teacher(name_or_path):
     if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise StudentError(f"--teacher {name_or_path}: no such folder; pass a folder holding config.json "
                            "and the weights, or a Hugging Face hub name")
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        # (transformers would guess a model type from the folder's name instead)
+        raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder (no config.json); "
+                           "pass the folder save_pretrained wrote")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
