@@ -60,11 +60,13 @@ DUMP_GRADS = """
 
 @pytest.fixture(scope="module")
 def runs(tiny_teacher_no_dropout, tiny_corpus, tmp_path_factory):
-    """The same 4 steps of global batch 8 as 2 ranks x 4, 1 rank x 8, and 1 rank x 4 x 2 micro-steps."""
+    """The same 10 steps of global batch 8 as 2 ranks x 4, 1 rank x 8, and 1 rank x 4 x 2 micro-steps. The
+    corpus gives 71 sequences: 8 global batches per epoch, so step 9 starts the second epoch (where a
+    split-dependent epoch length, 17 micro-batches of 4 but 8 batches of 8, would part the runs)."""
     folder = tmp_path_factory.mktemp("ddp")
     base = dict(teacher=tiny_teacher_no_dropout, train=write_corpus(str(folder / "small.txt"), 40, seed=3),
-                valid=tiny_corpus[1], cache_dir=str(folder / "cache"), seq_len=16, max_steps=4, layers="0,2",
-                dtype="fp32", log_every=1, eval_every=2, save_every=2, no_progress=True)
+                valid=tiny_corpus[1], cache_dir=str(folder / "cache"), seq_len=16, max_steps=10, layers="0,2",
+                dtype="fp32", log_every=1, eval_every=5, save_every=5, no_progress=True)
     dump = wrapper(folder, "dump", DUMP_GRADS)
     splits = {"two_ranks": (2, dict(batch_size=4)), "one_rank": (1, dict(batch_size=8)),
               "accumulated": (1, dict(batch_size=4, grad_accum=2))}
@@ -91,13 +93,21 @@ def test_two_ranks_give_the_gradients_of_one_big_batch(runs):
             torch.testing.assert_close(a, b, rtol=TOLERANCE, atol=TOLERANCE * b.abs().max().item())
 
 
-def test_logged_losses_and_perplexities_are_averaged_over_ranks(runs):
-    _, folder = runs
-    two, one = metrics(folder / "two_ranks"), metrics(folder / "one_rank")
-    assert [sorted(r) for r in two] == [sorted(r) for r in one]  # the same lines, once each
-    for a, b in zip(two, one):
+def same_metrics(out, reference):
+    mine, theirs = metrics(out), metrics(reference)
+    assert [sorted(r) for r in mine] == [sorted(r) for r in theirs]  # the same lines, once each
+    for a, b in zip(mine, theirs):
         for key in a.keys() - {"tokens_per_s"}:
             assert close(a[key], b[key]), (a["step"], key, a[key], b[key])
+
+
+def test_logged_losses_and_perplexities_are_averaged_over_ranks(runs):
+    """Every step's loss terms, learning rate, gradient norm and the validation perplexities, across the
+    epoch boundary: the same whatever the split of the global batch."""
+    _, folder = runs
+    same_metrics(folder / "two_ranks", folder / "one_rank")
+    same_metrics(folder / "accumulated", folder / "one_rank")
+    two = metrics(folder / "two_ranks")
     assert sum("valid_ppl" in r for r in two) == 2 and sum("teacher_ppl" in r for r in two) == 3
 
 
@@ -107,7 +117,7 @@ def test_only_rank_zero_writes(runs):
     _, folder = runs
     assert sorted(os.listdir(folder / "two_ranks")) == sorted(os.listdir(folder / "one_rank"))
     assert checkpoints(folder / "two_ranks") == checkpoints(folder / "one_rank") == \
-        ["step-00000002.pt", "step-00000004.pt"]
+        ["step-00000005.pt", "step-00000010.pt"]
 
 
 def test_stop_on_one_rank_stops_both_at_the_same_step_and_resumes_on_one(runs, tmp_path):
@@ -126,11 +136,7 @@ def test_stop_on_one_rank_stops_both_at_the_same_step_and_resumes_on_one(runs, t
 
     resumed = ok(run(flags(base, out=out, batch_size=8, save_every=100, resume=True)))
     assert "step-00000002.pt at step 2" in resumed.stdout
-    reference = metrics(folder / "one_rank")
-    assert [r["step"] for r in metrics(out)] == [r["step"] for r in reference]
-    for a, b in zip(metrics(out), reference):
-        for key in a.keys() - {"tokens_per_s"}:
-            assert close(a[key], b[key]), (a["step"], key, a[key], b[key])
+    same_metrics(out, folder / "one_rank")
     mine, theirs = weights(out), weights(folder / "one_rank")
     for key in theirs:
         torch.testing.assert_close(mine[key], theirs[key], rtol=TOLERANCE, atol=TOLERANCE)

@@ -62,7 +62,7 @@ def launch(script, argv, nproc=1):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *argv]
 
 
-def run(argv, script=TRAIN, nproc=1, timeout=240, env=None):
+def run(argv, script=TRAIN, nproc=1, timeout=150, env=None):
     """Run train.py (or a wrapper of it) to the end; returns the CompletedProcess (text output)."""
     return subprocess.run(launch(script, argv, nproc), capture_output=True, text=True, timeout=timeout,
                           env={**ENV, **(env or {})}, cwd=ROOT)
@@ -200,9 +200,10 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing_saved(setup, tmp_path)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == \
         ["step-00000003.pt", "step-00000006.pt", "step-00000009.pt.tmp"]
 
-    resumed = ok(run(flags(base, out=out, **cadence, resume=True)))
+    # resumed with checkpoints every 4 steps: no save at step 9 will overwrite the partial file
+    resumed = ok(run(flags(base, out=out, **{**cadence, "save_every": 4}, resume=True)))
     assert "step-00000006.pt at step 6" in resumed.stdout
-    assert checkpoints(out) == ["step-00000009.pt", "step-00000012.pt"]  # the partial file is gone
+    assert checkpoints(out) == ["step-00000008.pt", "step-00000012.pt"]  # the partial file is gone
     assert same_weights(out, reference)
     per_step = {r["step"]: r for r in train_records(reference)}
     logged = train_records(out)
