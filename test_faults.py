@@ -100,7 +100,7 @@ def test_non_finite_loss_stops_the_run_at_the_last_good_checkpoint(base, tmp_pat
     last_good = os.path.join(out, "checkpoints", "step-00000004.pt")
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: non-finite loss or gradients at steps 6-8 (--max-bad-steps 3); last good checkpoint: {last_good};")
+        f"error: non-finite loss or gradients at steps 6-8 (--max-bad-steps 3); last good checkpoint: {last_good} ")
     assert checkpoints(out) == ["step-00000004.pt"]
     records = train_records(out)
     assert math.isnan(records[1]["loss"]) and [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 1, 2, 3]

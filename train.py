@@ -397,8 +397,8 @@ def main(argv=None):
             if bad_steps >= args.max_bad_steps:
                 raise FloatingPointError(
                     f"non-finite loss or gradients at steps {step - bad_steps + 1}-{step} (--max-bad-steps "
-                    f"{args.max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'}; lower --lr, use "
-                    "--dtype fp32 or check the data, then start again from it with --resume or a new --out")
+                    f"{args.max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'} (--resume continues "
+                    "from it); if it happens again, check the data or start anew with a lower --lr or --dtype fp32")
             window, n_logged = [w + v for w, v in zip(window, losses)], n_logged + 1
             tokens_seen += int(stats[2].item())
             bar.update(1)
