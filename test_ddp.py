@@ -8,9 +8,10 @@ at the same step, and a rank that fails takes the others down instead of leaving
 Tolerance. The three runs add the same float32 terms in different orders (per-rank partial sums,
 then the all-reduce, or two micro-batches accumulated), which moves a result by a few units in the
 last place of its largest terms: we measured at most 6e-7 of a gradient tensor's largest entry, 2e-7
-relative on the total loss and 3e-8 absolute on a KD term of 1e-4. We allow 1e-5 (relative to a
-gradient tensor's largest entry; relative or absolute for logged values), which no real bug stays under: a gradient not averaged
-over ranks, or divided by a per-rank instead of the global count, is off by tens of percent.
+relative on the total loss and 3e-8 absolute on a KD term of 1e-4. We allow 1e-5 (of a gradient
+tensor's largest entry; relative or absolute for logged values), which no real bug stays under: a
+gradient not averaged over ranks, or divided by a per-rank instead of the global count, is off by
+tens of percent.
 """
 
 import math
