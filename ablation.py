@@ -21,10 +21,9 @@ import time
 import torch
 import transformers
 
-from data import load_corpus, make_sequences
+from data import default_cache_dir, load_corpus, make_sequences
 from evaluate import masked_lm_sums, perplexity, valid_batches
 from student import load_teacher, load_tokenizer
-from train import default_cache_dir
 
 ROWS = [  # (name, flags that differ from the full recipe)
     ("full recipe (KD 5, MLM 2, cos 1), --kd-on masked", []),
@@ -100,7 +99,7 @@ def run_row(name, flags, out, teacher, tokenizer, seqs, steps):
 
 
 def print_table(results, args):
-    print(f"\n| variant | steps | held-out MLM perplexity | top-1 agreement with the teacher | wall time |")
+    print("\n| variant | steps | held-out MLM perplexity | top-1 agreement with the teacher | wall time |")
     print("|---|---|---|---|---|")
     for r in results:
         wall = f"{r['seconds'] / 60:.1f} min" if r["seconds"] else "-"

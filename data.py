@@ -186,6 +186,11 @@ def _first_undecodable_line(path):
 # 2. Tokenizing once, into a cache
 # ---------------------------------------------------------------------------------------------
 
+def default_cache_dir():
+    """~/.cache/bert-distil, or under $XDG_CACHE_HOME."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bert-distil")
+
+
 @dataclass
 class Corpus:
     tokens: np.ndarray      # every document's ids, each document followed by one sep id

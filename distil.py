@@ -61,6 +61,21 @@ def default_layer_map(layers):
     return ((0, 0),) + tuple((t + 1, s + 1) for s, t in enumerate(layers))
 
 
+def parse_layer_map(text, kept_layers, n_teacher_layers):
+    """"t:s,t:s,..." as ((t, s), ...), checked against both depths; None: default_layer_map(kept_layers)."""
+    if text is None:
+        return default_layer_map(kept_layers)
+    try:
+        pairs = tuple((int(t), int(s)) for t, s in (pair.split(":") for pair in text.split(",") if pair.strip()))
+    except ValueError:
+        raise ValueError(f"--layer-map {text}: give teacher:student pairs separated by commas, e.g. 0:0,6:3,12:6")
+    bad = [f"{t}:{s}" for t, s in pairs if not (0 <= t <= n_teacher_layers and 0 <= s <= len(kept_layers))]
+    if not pairs or bad:
+        raise ValueError(f"--layer-map {text}: {', '.join(bad) or 'no pairs'}; teacher layers are "
+                         f"0..{n_teacher_layers} and student layers 0..{len(kept_layers)} (0 = the embeddings)")
+    return pairs
+
+
 def loss_rows(attention_mask, labels, cfg):
     """Boolean masks of the positions each loss reads: {"kd", "mlm", "cos"} -> (B, L) bool."""
     real = attention_mask != 0  # works on torch tensors and numpy arrays alike

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from data import DataError, load_corpus, make_batch, make_sequences, mask_spec
+from data import DataError, default_cache_dir, load_corpus, make_batch, make_sequences, mask_spec
 from distil import forward_at_rows
 from student import StudentError, load_teacher, load_tokenizer, usable_positions
 
@@ -96,7 +96,6 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
 
-    from train import default_cache_dir  # the same cache as training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext

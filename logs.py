@@ -9,6 +9,8 @@ tokens_per_s, scale, skipped_steps, valid_ppl, teacher_ppl). Neither package is 
 asked for; a missing one stops the run before it starts, with the pip command that installs it.
 """
 
+import json
+import math
 import os
 
 BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend name -> the pip package it needs
@@ -61,6 +63,16 @@ def open_loggers(spec, out_dir, config=None, start_step=0, wandb_project=None):
                 f.write(run.id)
             loggers.append((name, run))
     return loggers
+
+
+def log_metrics(out_dir, record, loggers=()):
+    """Append `record` as a line of OUT/metrics.jsonl and mirror it to the open backends.
+
+    Non-finite values (a skipped step's gradient norm) are written as null: strict JSON."""
+    clean = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(clean) + "\n")
+    write_metrics(loggers, record)
 
 
 def write_metrics(loggers, record):

@@ -140,6 +140,22 @@ def add_projection(student, teacher_hidden_size, identity=True):
     return student
 
 
+def build_student(teacher, layers=None, init="teacher", arch="teacher", hidden_size=None, num_heads=None,
+                  compares_hidden_states=False):
+    """The student train.py's flags ask for: the teacher's class or DistilBERT's, as wide as the
+    teacher or narrower (with a projection when a loss compares hidden states)."""
+    if arch == "distilbert":
+        if hidden_size or num_heads:
+            raise StudentError("--student-hidden/--student-heads do not combine with --student-arch distilbert")
+        return make_distilbert_student(teacher, layers, init)
+    if not (hidden_size or num_heads):
+        return make_student(teacher, layers, init)
+    student = make_narrow_student(teacher, layers, hidden_size, num_heads, init)
+    if student.config.hidden_size != teacher.config.hidden_size and compares_hidden_states:
+        add_projection(student, teacher.config.hidden_size, identity=init == "teacher")
+    return student
+
+
 def check_distilbert_teacher(teacher):
     """Raise a one-line StudentError if DistilBERT's architecture cannot compute what this teacher does."""
     config = teacher.config

@@ -74,7 +74,9 @@ def ok(proc):
 
 
 def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    def not_json(constant):  # NaN and Infinity are Python's extensions, not JSON
+        raise AssertionError(f"metrics.jsonl holds {constant}")
+    return [json.loads(line, parse_constant=not_json) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def train_records(out):

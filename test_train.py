@@ -181,7 +181,7 @@ def test_config_with_unknown_key(tiny_teacher, tiny_corpus, tmp_path):
 
 
 def test_config_not_json(tmp_path):
-    from train import parse_args
+    from flags import parse_args
     config = tmp_path / "bad.json"
     config.write_text("{not json")
     with pytest.raises(SystemExit) as info:
@@ -190,8 +190,18 @@ def test_config_not_json(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_config_not_an_object_and_bad_flag_values_are_one_line(tmp_path):
+    config = tmp_path / "list.json"
+    config.write_text("[1, 2]")
+    assert "a JSON object" in one_line_error(train("--config", str(config)))
+    line = one_line_error(train("--teacher", "t", "--train", "x.txt", "--out", str(tmp_path / "o"),
+                                "--batch-size", "many"))
+    assert "--batch-size" in line and "many" in line and line.startswith("error:")
+    assert "--teacher is required" in one_line_error(train("--train", "x.txt", "--out", str(tmp_path / "o")))
+
+
 def test_config_values_and_command_line_precedence(tmp_path):
-    from train import parse_args
+    from flags import parse_args
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"teacher": "t", "train": "x.txt", "out": "o", "layers": [0, 3],
                                   "adam-betas": [0.9, 0.98], "seq_len": 64, "lr": 1e-4}))

@@ -9,13 +9,11 @@ micro-batches, agree on the denominators (and on stopping) across ranks, forward
 micro-batch, clip, step, log, evaluate, checkpoint -> save the student in Hugging Face format.
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,113 +25,13 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
                         save_checkpoint, stop_signals, truncate_metrics)
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import DistilConfig, check_capture, count_rows, default_layer_map, distil_step, unwrap
+from distil import DistilConfig, check_capture, count_rows, distil_step, parse_layer_map, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
-from logs import LogError, check_log_spec, close_loggers, open_loggers, write_metrics
+from flags import parse_args
+from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, add_projection, check_layers, default_layers, load_teacher, load_tokenizer,
-                     make_distilbert_student, make_narrow_student, make_student, save_student, usable_positions)
-
-
-def default_cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bert-distil")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--config", help="JSON file of flag values (keys are flag names); flags on the command line win")
-    # what to distil, on what
-    a("--teacher", help="teacher: a hub name or a local folder holding a masked-LM checkpoint")
-    a("--tokenizer", help="tokenizer folder, if not the teacher's own")
-    a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl")
-    a("--valid", help="held-out corpus for perplexity (same formats)")
-    a("--text-column", default="text", help="column (.csv) or field (.jsonl) holding the text")
-    a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
-    a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
-    # the student
-    a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
-    a("--student-init", default="teacher", choices=["teacher", "random"],
-      help="copy the teacher's weights (the recipe) or start from random ones (ablation)")
-    a("--student-hidden", type=int, help="a narrower student: its hidden size (default: the teacher's)")
-    a("--student-heads", type=int, help="with --student-hidden: its attention heads (default: the teacher's)")
-    a("--student-arch", default="teacher", choices=["teacher", "distilbert"],
-      help="the student's class: the teacher's own, or DistilBertForMaskedLM converted exactly from a BERT teacher")
-    # data
-    a("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included")
-    a("--no-pack", dest="pack", action="store_false",
-      help="one document per sequence (grouped by length) instead of packing documents together")
-    a("--min-tokens", type=int, default=5, help="drop documents with fewer tokens than this")
-    a("--mlm-prob", type=float, default=0.15, help="fraction of tokens to predict")
-    a("--mlm-smoothing", type=float, default=0.0,
-      help="mask rare tokens more: P(mask) ~ count^-s (0.7 in the original DistilBERT run; 0 = uniform)")
-    # optimisation
-    a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
-    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
-    a("--epochs", type=float, default=3.0)
-    a("--lr", type=float, default=5e-4)
-    a("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the learning rate")
-    a("--weight-decay", type=float, default=0.0, help="AdamW decay, on weight matrices only")
-    a("--adam-betas", default="0.9,0.98")
-    a("--adam-eps", type=float, default=1e-6)
-    a("--clip", type=float, default=5.0, help="gradient-norm clipping (0 = off)")
-    # the recipe
-    a("--temperature", type=float, default=2.0)
-    a("--alpha-kd", type=float, default=5.0)
-    a("--alpha-mlm", type=float, default=2.0)
-    a("--alpha-cos", type=float, default=1.0)
-    a("--alpha-mse", type=float, default=0.0)
-    a("--kd-on", default="masked", choices=["all", "masked"],
-      help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
-    # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
-    a("--layer-map", help="teacher:student layer pairs, e.g. 0:0,3:1,6:2 (default: the layers kept, and 0:0)")
-    a("--alpha-hidden", type=float, default=0.0, help="hidden-state loss on the --layer-map pairs")
-    a("--hidden-loss", default="mse", choices=["mse", "cos"], help="MSE (TinyBERT) or cosine")
-    a("--alpha-attn", type=float, default=0.0, help="attention loss on the --layer-map pairs")
-    a("--attn-loss", default="kl", choices=["kl", "mse"],
-      help="KL of attention distributions (MiniLM) or MSE of raw scores (TinyBERT)")
-    a("--alpha-relation", type=float, default=0.0, help="MiniLMv2 q/k/v relations of the last --layer-map pair")
-    a("--relation-heads", type=int, default=0, help="relation heads (default: the student's attention heads)")
-    # machinery
-    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--compile", action="store_true", help="torch.compile the student")
-    a("--seed", type=int, default=42)
-    a("--eval-every", type=int, default=500)
-    a("--save-every", type=int, default=1000)
-    a("--log-every", type=int, default=10)
-    a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all)")
-    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    a("--max-bad-steps", type=int, default=10,
-      help="stop after this many consecutive steps with a non-finite loss or gradient")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    # the ecosystem (each optional package is imported only when asked for)
-    a("--log", default="", help="also send the metrics to tensorboard, wandb or both (tensorboard,wandb)")
-    a("--wandb-project", help="W&B project (default: $WANDB_PROJECT, else bert-distil)")
-    a("--language", help="language code(s) for the model card, e.g. en or de,fr (default: the teacher card's)")
-    a("--push-to-hub", metavar="NAME", help="upload the finished student to this Hugging Face Hub repository")
-
-    pre, _ = p.parse_known_args(argv)
-    if pre.config:
-        try:
-            config = json.load(open(pre.config))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --config {pre.config}: cannot read it as JSON ({e})")
-        known = {action.dest for action in p._actions}
-        # a JSON list ("layers": [0, 2, 4], "adam_betas": [0.9, 0.98]) means what its comma form means
-        config = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v
-                  for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
-        p.set_defaults(**config)
-    args = p.parse_args(argv)
-    for flag in ("teacher", "train", "out"):
-        if not getattr(args, flag):
-            p.error(f"--{flag} is required (on the command line or in --config)")
-    return args
+from student import (StudentError, build_student, check_layers, default_layers, load_teacher, load_tokenizer,
+                     save_student, usable_positions)
 
 
 def get_lr(step, total_steps, args):
@@ -142,23 +40,6 @@ def get_lr(step, total_steps, args):
     if step < warmup_steps:
         return args.lr * (step + 1) / warmup_steps
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def parse_layer_map(text, layers, teacher):
-    """--layer-map "t:s,..." as ((t, s), ...), by default the student's layers and the embeddings."""
-    n_teacher = teacher.config.num_hidden_layers
-    kept = layers if layers is not None else default_layers(n_teacher)
-    if text is None:
-        return default_layer_map(kept)
-    try:
-        pairs = tuple((int(t), int(s)) for t, s in (pair.split(":") for pair in text.split(",") if pair.strip()))
-    except ValueError:
-        raise StudentError(f"--layer-map {text}: give teacher:student pairs separated by commas, e.g. 0:0,6:3,12:6")
-    bad = [f"{t}:{s}" for t, s in pairs if not (0 <= t <= n_teacher and 0 <= s <= len(kept))]
-    if not pairs or bad:
-        raise StudentError(f"--layer-map {text}: {', '.join(bad) or 'no pairs'}; teacher layers are 0..{n_teacher} "
-                           f"and student layers 0..{len(kept)} (0 = the embeddings)")
-    return pairs
 
 
 def pick_dtype(name, device):
@@ -216,26 +97,20 @@ def main(argv=None):
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
-    cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse, args.kd_on,
-                       args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss, args.alpha_relation,
-                       args.relation_heads, parse_layer_map(args.layer_map, layers, teacher))
+    n_teacher_layers = teacher.config.num_hidden_layers
+    try:
+        layer_map = parse_layer_map(args.layer_map, layers or default_layers(n_teacher_layers), n_teacher_layers)
+        cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
+                           args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
+                           args.alpha_relation, args.relation_heads, layer_map)
+        if cfg.alpha_attn > 0 or cfg.alpha_relation > 0:
+            check_capture(teacher)
+    except ValueError as e:
+        raise StudentError(str(e))
     if not cfg.needs_teacher() and cfg.alpha_mlm <= 0:
         raise DataError("every --alpha-* is 0: turn on at least one loss")
-    if cfg.alpha_attn > 0 or cfg.alpha_relation > 0:
-        try:
-            check_capture(teacher)
-        except ValueError as e:
-            raise StudentError(f"--alpha-attn/--alpha-relation: {e}")
-    if args.student_arch == "distilbert":
-        if args.student_hidden or args.student_heads:
-            raise StudentError("--student-hidden/--student-heads do not combine with --student-arch distilbert")
-        student = make_distilbert_student(teacher, layers, args.student_init)
-    elif args.student_hidden or args.student_heads:
-        student = make_narrow_student(teacher, layers, args.student_hidden, args.student_heads, args.student_init)
-        if student.config.hidden_size != teacher.config.hidden_size and (cfg.alpha_cos > 0 or cfg.alpha_hidden > 0):
-            add_projection(student, teacher.config.hidden_size, identity=args.student_init == "teacher")
-    else:
-        student = make_student(teacher, layers, args.student_init)
+    student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
+                            args.student_heads, compares_hidden_states=cfg.alpha_cos > 0 or cfg.alpha_hidden > 0)
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
@@ -333,9 +208,10 @@ def main(argv=None):
 
     stream = micro_batches(step * args.grad_accum)
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    t_log, tokens_seen, bad_steps, valid_ppl = time.time(), 0, 0, None
+    train_seconds, tokens_seen, bad_steps, valid_ppl = 0.0, 0, 0, None
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
         while step < total_steps:
+            t_step = time.time()
             micro = [next(stream) for _ in range(args.grad_accum)]
             # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
             # give the gradient of one big batch. The same all_reduce carries the stop flag, so every
@@ -401,17 +277,18 @@ def main(argv=None):
                     "from it); if it happens again, check the data or start anew with a lower --lr or --dtype fp32")
             window, n_logged = [w + v for w, v in zip(window, losses)], n_logged + 1
             tokens_seen += int(stats[2].item())
+            train_seconds += time.time() - t_step  # throughput counts training, not evaluations and saves
             bar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
                 record = {"step": step, **{k: w / n_logged for k, w in zip(names, window)}, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / (time.time() - t_log),
+                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / train_seconds,
                           "skipped_steps": skipped}
                 if scaler.is_enabled():
                     record["scale"] = scaler.get_scale()
                 log(args, master, record, loggers)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window, n_logged, t_log, tokens_seen = [0.0] * len(names), 0, time.time(), 0
+                window, n_logged, train_seconds, tokens_seen = [0.0] * len(names), 0, 0.0, 0
             if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
                 valid_ppl = evaluate(unwrap(model))
                 log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
@@ -442,14 +319,11 @@ def main(argv=None):
 
 
 def log(args, master, record, loggers=()):
-    """One line of metrics.jsonl per logged step (rank 0 only), mirrored to --log's backends."""
-    if not master:
-        return
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    write_metrics(loggers, record)
-    if "valid_ppl" in record or "teacher_ppl" in record and len(record) == 2:
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    """metrics.jsonl and --log's backends get every record (rank 0 only); the console, evaluations."""
+    if master:
+        log_metrics(args.out, record, loggers)
+        if "valid_ppl" in record or set(record) == {"step", "teacher_ppl"}:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""train.py's command line: every flag with its default, and --config files of flag values.
+
+The flags of the DistilBERT recipe default to the released run's values (Sanh et al. 2019): loss
+weights 5/2/1, temperature 2, AdamW 5e-4 with betas (0.9, 0.98) and eps 1e-6, 5% warmup, clipping
+at 5. A --config JSON file sets any of them by flag name ("alpha_kd" or "alpha-kd"); flags given on
+the command line win over the file.
+"""
+
+import argparse
+import json
+import sys
+
+from data import default_cache_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the flags)")
+    a = p.add_argument
+    a("--config", help="JSON file of flag values (keys are flag names); flags on the command line win")
+    # what to distil, on what
+    a("--teacher", help="teacher: a hub name or a local folder holding a masked-LM checkpoint")
+    a("--tokenizer", help="tokenizer folder, if not the teacher's own")
+    a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl")
+    a("--valid", help="held-out corpus for perplexity (same formats)")
+    a("--text-column", default="text", help="column (.csv) or field (.jsonl) holding the text")
+    a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
+    a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
+    # the student
+    a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
+    a("--student-init", default="teacher", choices=["teacher", "random"],
+      help="copy the teacher's weights (the recipe) or start from random ones (ablation)")
+    a("--student-hidden", type=int, help="a narrower student: its hidden size (default: the teacher's)")
+    a("--student-heads", type=int, help="with --student-hidden: its attention heads (default: the teacher's)")
+    a("--student-arch", default="teacher", choices=["teacher", "distilbert"],
+      help="the student's class: the teacher's own, or DistilBertForMaskedLM converted exactly from a BERT teacher")
+    # data
+    a("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included")
+    a("--no-pack", dest="pack", action="store_false",
+      help="one document per sequence (grouped by length) instead of packing documents together")
+    a("--min-tokens", type=int, default=5, help="drop documents with fewer tokens than this")
+    a("--mlm-prob", type=float, default=0.15, help="fraction of tokens to predict")
+    a("--mlm-smoothing", type=float, default=0.0,
+      help="mask rare tokens more: P(mask) ~ count^-s (0.7 in the original DistilBERT run; 0 = uniform)")
+    # optimisation
+    a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
+    a("--epochs", type=float, default=3.0)
+    a("--lr", type=float, default=5e-4)
+    a("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the learning rate")
+    a("--weight-decay", type=float, default=0.0, help="AdamW decay, on weight matrices only")
+    a("--adam-betas", default="0.9,0.98")
+    a("--adam-eps", type=float, default=1e-6)
+    a("--clip", type=float, default=5.0, help="gradient-norm clipping (0 = off)")
+    # the recipe
+    a("--temperature", type=float, default=2.0)
+    a("--alpha-kd", type=float, default=5.0)
+    a("--alpha-mlm", type=float, default=2.0)
+    a("--alpha-cos", type=float, default=1.0)
+    a("--alpha-mse", type=float, default=0.0)
+    a("--kd-on", default="masked", choices=["all", "masked"],
+      help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
+    # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
+    a("--layer-map", help="teacher:student layer pairs, e.g. 0:0,3:1,6:2 (default: the layers kept, and 0:0)")
+    a("--alpha-hidden", type=float, default=0.0, help="hidden-state loss on the --layer-map pairs")
+    a("--hidden-loss", default="mse", choices=["mse", "cos"], help="MSE (TinyBERT) or cosine")
+    a("--alpha-attn", type=float, default=0.0, help="attention loss on the --layer-map pairs")
+    a("--attn-loss", default="kl", choices=["kl", "mse"],
+      help="KL of attention distributions (MiniLM) or MSE of raw scores (TinyBERT)")
+    a("--alpha-relation", type=float, default=0.0, help="MiniLMv2 q/k/v relations of the last --layer-map pair")
+    a("--relation-heads", type=int, default=0, help="relation heads (default: the student's attention heads)")
+    # machinery
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action="store_true", help="torch.compile the student")
+    a("--seed", type=int, default=42)
+    a("--eval-every", type=int, default=500)
+    a("--save-every", type=int, default=1000)
+    a("--log-every", type=int, default=10)
+    a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all)")
+    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    a("--max-bad-steps", type=int, default=10,
+      help="stop after this many consecutive steps with a non-finite loss or gradient")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # the ecosystem (each optional package is imported only when asked for)
+    a("--log", default="", help="also send the metrics to tensorboard, wandb or both (tensorboard,wandb)")
+    a("--wandb-project", help="W&B project (default: $WANDB_PROJECT, else bert-distil)")
+    a("--language", help="language code(s) for the model card, e.g. en or de,fr (default: the teacher card's)")
+    a("--push-to-hub", metavar="NAME", help="upload the finished student to this Hugging Face Hub repository")
+
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        try:
+            config = json.load(open(pre.config))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --config {pre.config}: cannot read it as JSON ({e})")
+        if not isinstance(config, dict):
+            raise SystemExit(f"error: --config {pre.config}: a JSON object of flag names and values is expected")
+        known = {action.dest for action in p._actions}
+        # a JSON list ("layers": [0, 2, 4], "adam_betas": [0.9, 0.98]) means what its comma form means
+        config = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v
+                  for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
+        p.set_defaults(**config)
+    args = p.parse_args(argv)
+    for flag in ("teacher", "train", "out"):
+        if not getattr(args, flag):
+            p.error(f"--{flag} is required (on the command line or in --config)")
+    return args
