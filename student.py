@@ -313,10 +313,13 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
         raise StudentError(f"{flag} {source}: the tokenizer's pad id is {tokenizer.pad_token_id} but the "
                            f"teacher's is {pad_id}; use the teacher's own tokenizer")
     if tokenizer_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
-        own = AutoTokenizer.from_pretrained(teacher_path)
-        if own.get_vocab() != tokenizer.get_vocab():
+        own, theirs = AutoTokenizer.from_pretrained(teacher_path).get_vocab(), tokenizer.get_vocab()
+        if own != theirs:
+            token = next(t for t in sorted(set(own) | set(theirs), key=lambda t: own.get(t, theirs.get(t)))
+                         if own.get(t) != theirs.get(t))
             raise StudentError(f"--tokenizer {source}: its vocabulary differs from the teacher's own tokenizer "
-                               f"({len(tokenizer)} vs {len(own)} tokens); drop --tokenizer to use the teacher's")
+                               f"({len(theirs)} vs {len(own)} tokens; {token!r} is id {theirs.get(token)} vs "
+                               f"{own.get(token)}); drop --tokenizer to use the teacher's")
     return tokenizer
 
 

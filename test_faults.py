@@ -171,7 +171,7 @@ BAD_INPUT = [
     ("teacher without weights", lambda d, t: dict(teacher=config_only_folder(d / "noweights", t)),
      ["cannot load its weights"]),
     ("--tokenizer of another vocabulary", lambda d, t: dict(tokenizer=bert_folder(d / "other", words=OTHER_WORDS)),
-     ["--tokenizer", "differs from the teacher's own tokenizer"]),
+     ["--tokenizer", "differs from the teacher's own tokenizer", "'cat' is id None vs"]),
     ("teacher's tokenizer larger than its embeddings", lambda d, t: dict(teacher=bert_folder(d / "small-emb", -8)),
      ["the tokenizer has", "embedding matrix only"]),
     ("--layers out of range", lambda d, t: dict(layers="0,4"), ["[4] out of range", "numbered 0 to 3"]),
