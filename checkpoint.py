@@ -23,9 +23,9 @@ CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 # Flags that may change between a run and its resumption: they change when things happen, where
 # they are written, or how the same global batch is split over ranks and micro-steps (the run
 # records the global batch itself, which must match), not what is computed.
-FREE_FLAGS = {"language", "eval_every", "save_every", "log_every", "keep", "resume", "config", "log",
-                 "progress", "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project",
-                 "batch_size", "grad_accum", "world_size", "plot", "out", "compile"}
+FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
+              "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
+              "grad_accum", "world_size", "out", "compile"}
 
 
 class CheckpointError(ValueError):
