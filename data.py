@@ -47,6 +47,9 @@ def check_corpus_file(path):
     if is_dataset(path):
         open_dataset(path)
         return
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; pass one .txt, .csv or .jsonl file (join text files first, e.g. "
+                        f"cat {os.path.join(path, '*.txt')} > train.txt) or a folder written by save_to_disk")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; pass an existing .txt, .csv or .jsonl corpus")
     if os.path.splitext(path)[1].lower() not in (".txt", ".csv", ".jsonl"):

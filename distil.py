@@ -141,8 +141,8 @@ def check_capture(model):
     model = unwrap(model)
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{type(model).__name__} does not compute its attention through transformers' attention "
-                         "functions (DeBERTa's disentangled attention does not), so attention and relation losses "
-                         "cannot read it; use --alpha-hidden instead")
+                         "functions (DeBERTa and MPNet add relative-position terms in their own), so attention and "
+                         "relation losses cannot read it; use --alpha-hidden instead")
 
 
 def enable_capture(model, layer_indices):

@@ -42,8 +42,9 @@ def encoder_layers(model):
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1:
             return module
-    raise StudentError(f"cannot find the {n} encoder layers of {type(model).__name__}: "
-                       "is it a BERT-family masked LM?")
+    raise StudentError(f"cannot find the {n} encoder layers of {type(model).__name__}: a student keeps some of "
+                       "the teacher's layers, so the teacher needs one module per layer, as BERT-family masked LMs "
+                       "have (ALBERT shares one layer across its depth)")
 
 
 def check_layers(layers, n_teacher_layers):
@@ -312,6 +313,11 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
     if pad_id is not None and tokenizer.pad_token_id != pad_id:
         raise StudentError(f"{flag} {source}: the tokenizer's pad id is {tokenizer.pad_token_id} but the "
                            f"teacher's is {pad_id}; use the teacher's own tokenizer")
+    try:  # a tokenizer can load and still fail on text (a WordPiece vocabulary without its unknown token)
+        tokenizer("Plain text: naïve café, 東京 and ☃.")
+    except Exception as e:  # the Rust backend raises a bare Exception
+        raise StudentError(f"{flag} {source}: the tokenizer fails on plain text ({_first_line(e)}); "
+                           "use the teacher's own tokenizer") from None
     if tokenizer_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
         own, theirs = AutoTokenizer.from_pretrained(teacher_path).get_vocab(), tokenizer.get_vocab()
         if own != theirs:

@@ -1,13 +1,15 @@
 """Every teacher family, end to end: tiny random masked LMs with their own kind of tokenizer.
 
 For each family (BERT uncased, cased and multilingual WordPiece; RoBERTa byte-level BPE; XLM-R and
-CamemBERT SentencePiece-style Unigram; ELECTRA generator; DeBERTa-v2 with both MLM heads) a
+CamemBERT SentencePiece-style Unigram; ELECTRA generator; DeBERTa-v2 with both MLM heads; DistilBERT;
+ModernBERT; MPNet) a
 4-layer teacher is built from its config and a tokenizer trained here, offline, and saved as a
 Hugging Face folder. Then: a student with all layers is the teacher; a subset student saves and
 reloads as the same class with the same logits; the data pipeline frames sequences with the
 tokenizer's own special tokens and never masks them; a distillation step gives finite losses
 and gradients; and `python train.py` runs and writes a folder AutoModelForMaskedLM loads.
-ELECTRA discriminators and DeBERTa-v2 folders without an MLM head are refused in one line.
+ELECTRA discriminators and DeBERTa-v2 folders without an MLM head, ALBERT's shared layers and a
+tokenizer that fails on text are refused in one line.
 """
 
 import json
@@ -22,10 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer,
+from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer,
                           CamembertConfig, CamembertForMaskedLM, CamembertTokenizer, DebertaV2Config,
                           DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer, ElectraConfig, ElectraForMaskedLM,
-                          ElectraForPreTraining, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, XLMRobertaConfig,
+                          ElectraForPreTraining, DistilBertConfig, DistilBertForMaskedLM, ModernBertConfig,
+                          ModernBertForMaskedLM, MPNetConfig, MPNetForMaskedLM, MPNetTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, XLMRobertaConfig,
                           XLMRobertaForMaskedLM, XLMRobertaTokenizer)
 
 import train
@@ -110,6 +113,14 @@ def deberta_tokenizer(texts):
     return DebertaV2Tokenizer(vocab=unigram_pieces(texts, ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]) + [("[MASK]", 0.0)])
 
 
+def mpnet_tokenizer(folder):
+    # mpnet-base: <s>=0 <pad>=1 </s>=2 <unk>=3, then BERT's WordPiece vocabulary (its [UNK] is the one used), <mask> last
+    wordpiece_tokenizer(folder, ENGLISH, lowercase=True)
+    vocab = open(os.path.join(folder, "vocab.txt")).read().split()
+    write_lines(os.path.join(folder, "vocab.txt"), ["<s>", "<pad>", "</s>", "<unk>"] + vocab + ["<mask>"])
+    return MPNetTokenizer(vocab=os.path.join(folder, "vocab.txt"), do_lower_case=True)
+
+
 # ---- the families: (words of its corpus, tokenizer, model class, config) ----
 
 def tiny(config_class, tokenizer, **extra):
@@ -154,6 +165,17 @@ FAMILIES = {
                    lambda tok: deberta_config(tok, legacy=True)),
     "deberta-v2-lm-predictions": (ENGLISH, lambda d, t: deberta_tokenizer(t), DebertaV2ForMaskedLM,
                                   lambda tok: deberta_config(tok, legacy=False)),
+    # a distilled teacher distilled further: DistilBERT's own names for the sizes
+    "distilbert": (ENGLISH, lambda d, t: wordpiece_tokenizer(d, ENGLISH, lowercase=True), DistilBertForMaskedLM,
+                   lambda tok: tiny(DistilBertConfig, tok, hidden_dim=2 * HIDDEN)),
+    # rotary positions, alternating global and sliding-window attention (per-layer layer_types)
+    "modernbert": (ENGLISH, lambda d, t: wordpiece_tokenizer(d, ENGLISH, lowercase=True), ModernBertForMaskedLM,
+                   lambda tok: tiny(ModernBertConfig, tok, global_attn_every_n_layers=2, local_attention=8,
+                                    cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                                    bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)),
+    # relative attention buckets shared by all layers, positions numbered after the padding index
+    "mpnet": (ENGLISH, lambda d, t: mpnet_tokenizer(d), MPNetForMaskedLM,
+              lambda tok: roberta_style(MPNetConfig, tok)),
 }
 
 
@@ -235,11 +257,14 @@ def test_padding_never_changes_the_logits(family):
                                logits(teacher, alone_ids, alone_mask)[0], rtol=0, atol=1e-5)
 
 
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "mpnet")
+
+
 def test_usable_positions(family):
     name, teacher = family.name, family.teacher
     config = teacher.config
     padding_idx = getattr(teacher.base_model.embeddings, "padding_idx", None)
-    if name in ("roberta", "xlm-roberta", "camembert"):
+    if name in POSITIONS_AFTER_PADDING:
         assert padding_idx == config.pad_token_id == 1
         assert usable_positions(teacher) == config.max_position_embeddings - padding_idx - 1 == POSITIONS
     else:
@@ -248,7 +273,7 @@ def test_usable_positions(family):
     n = usable_positions(teacher)
     ids = torch.full((1, n), teacher.config.vocab_size - 1)
     assert logits(teacher, ids, torch.ones_like(ids)).shape == (1, n, teacher.config.vocab_size)
-    if name in ("roberta", "xlm-roberta", "camembert"):
+    if name in POSITIONS_AFTER_PADDING:
         with pytest.raises((IndexError, RuntimeError), match="out of"):  # one more: past the position table
             logits(teacher, torch.full((1, n + 1), 5), torch.ones(1, n + 1, dtype=torch.long))
 
@@ -368,8 +393,8 @@ def test_train_refuses_a_seq_len_beyond_the_positions(family, tmp_path):
 def test_attention_losses_say_which_families_they_cannot_read(family, tmp_path):
     argv = ["--teacher", family.folder, "--train", family.train, "--out", str(tmp_path / "run"),
             "--cache-dir", str(tmp_path / "cache"), "--seq-len", "24", "--alpha-relation", "1"]
-    if family.name.startswith("deberta"):  # disentangled attention: no q/k/v or scores to capture
-        with pytest.raises(StudentError, match="DeBERTa's disentangled attention"):
+    if family.name.startswith(("deberta", "mpnet")):  # relative terms inside their own attention code
+        with pytest.raises(StudentError, match="does not compute its attention through transformers' attention"):
             train.main(argv)
         assert not os.path.exists(tmp_path / "run")
     else:
@@ -415,3 +440,30 @@ def test_relative_position_checkpoint_is_refused(tmp_path):
     with pytest.raises(StudentError) as e:
         load_teacher(str(tmp_path))
     assert "position_embedding_type='relative_key'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shared_layers_are_refused(tmp_path):
+    """ALBERT runs one layer's weights at every depth: there is no subset of layers to keep."""
+    tokenizer = wordpiece_tokenizer(str(tmp_path), ENGLISH, lowercase=True)
+    AlbertForMaskedLM(tiny(AlbertConfig, tokenizer, embedding_size=HIDDEN)).save_pretrained(tmp_path / "albert")
+    tokenizer.save_pretrained(tmp_path / "albert")
+    train_txt = write_lines(str(tmp_path / "train.txt"), sentences(ENGLISH, 50, seed=1))
+    with pytest.raises(StudentError) as e:
+        train.main(["--teacher", str(tmp_path / "albert"), "--train", train_txt, "--out", str(tmp_path / "run"),
+                    "--cache-dir", str(tmp_path / "cache"), "--seq-len", "24"])
+    assert "cannot find the 4 encoder layers of AlbertForMaskedLM" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_tokenizer_that_fails_on_text_is_refused(tmp_path):
+    """A WordPiece vocabulary without its unknown token loads, then fails on the first word it lacks."""
+    wordpiece_tokenizer(str(tmp_path), ENGLISH, lowercase=True)
+    vocab = [w for w in open(tmp_path / "vocab.txt").read().split() if w != "[UNK]"]
+    write_lines(str(tmp_path / "vocab.txt"), vocab)
+    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    BertForMaskedLM(tiny(BertConfig, tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(StudentError) as e:
+        load_tokenizer(load_teacher(str(tmp_path)), str(tmp_path))
+    assert "the tokenizer fails on plain text (WordPiece error: Missing [UNK]" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -122,6 +122,12 @@ def write(path, content):
     return str(path)
 
 
+def text_folder(folder):
+    os.makedirs(folder)
+    write(folder / "a.txt", "the cat sat on the mat\n")
+    return str(folder)
+
+
 def bert_folder(folder, vocab_size_delta=0, head=True, words=WORDS):
     """A tiny BERT (with or without its MLM head) whose embedding matrix has len(vocab) + delta rows."""
     os.makedirs(folder, exist_ok=True)
@@ -164,6 +170,8 @@ BAD_INPUT = [
     ("all documents too short", lambda d, t: dict(train=write(d / "short.txt", "cat\ndog ran\n" * 50), min_tokens=5),
      ["shorter than --min-tokens 5"]),
     ("missing validation corpus", lambda d, t: dict(valid=str(d / "nope.jsonl")), ["nope.jsonl", "no such file"]),
+    ("a folder of text files as the corpus", lambda d, t: dict(train=text_folder(d / "texts")),
+     ["texts is a folder", "cat ", "> train.txt"]),
     ("teacher path missing", lambda d, t: dict(teacher=str(d / "no-teacher")), ["no-teacher", "no such folder"]),
     ("teacher without an MLM head", lambda d, t: dict(teacher=bert_folder(d / "bare", head=False)),
      ["no trained masked-LM head", "cls.predictions"]),
