@@ -43,9 +43,8 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 def check_corpus_file(path):
-    """Fail early, in one line, on a missing, empty, binary or unsupported file (or dataset)."""
-    if is_dataset(path):
-        open_dataset(path)
+    """Fail early, in one line, on a missing, empty, binary or unsupported file (a dataset: when it is opened)."""
+    if is_dataset(path):  # opened once, by load_corpus's fingerprint, which says in one line what is wrong
         return
     if os.path.isdir(path):
         raise DataError(f"{path} is a folder; pass one .txt, .csv or .jsonl file (join text files first, e.g. "
@@ -213,19 +212,17 @@ def _plain_backend(tokenizer):
 
 def _fingerprint(path, tokenizer, text_column, min_tokens):
     """A key that changes when the file, the tokenizer or the reading options change."""
-    if is_dataset(path):  # its arrow files (names, sizes, times) stand for the file's bytes
-        h = hashlib.sha256(json.dumps([CACHE_VERSION, dataset_fingerprint(path), text_column, min_tokens,
-                                       tokenizer.sep_token_id]).encode())
-        h.update(_plain_backend(tokenizer).to_str().encode())
-        return h.hexdigest()[:20]
-    stat = os.stat(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:  # size and mtime can survive an edit (cp -p): hash both ends too
-        h.update(f.read(1 << 20))
-        f.seek(max(0, stat.st_size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    h.update(json.dumps([CACHE_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
-                         text_column, min_tokens, tokenizer.sep_token_id]).encode())
+    if is_dataset(path):  # its arrow files (names, sizes, times) stand for the file's bytes
+        identity = [dataset_fingerprint(path)]
+    else:
+        stat = os.stat(path)
+        with open(path, "rb") as f:  # size and mtime can survive an edit (cp -p): hash both ends too
+            h.update(f.read(1 << 20))
+            f.seek(max(0, stat.st_size - (1 << 20)))
+            h.update(f.read(1 << 20))
+        identity = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    h.update(json.dumps([CACHE_VERSION, *identity, text_column, min_tokens, tokenizer.sep_token_id]).encode())
     h.update(_plain_backend(tokenizer).to_str().encode())
     return h.hexdigest()[:20]
 
@@ -255,8 +252,9 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     sep = tokenizer.sep_token_id
     backend = _plain_backend(tokenizer)
     lengths, n_docs_seen = [], 0
-    bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True, disable=not progress,
-               desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr, delay=1)  # quiet if quick
+    bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True,
+               disable=not progress, desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr,
+               delay=1)  # quiet if quick
 
     def flush(texts, out):
         nonlocal n_docs_seen
