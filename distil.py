@@ -55,6 +55,9 @@ class DistilConfig:
     def needs_hidden_states(self):
         return self.alpha_cos > 0 or self.alpha_hidden > 0
 
+    def needs_attention(self):
+        return self.alpha_attn > 0 or self.alpha_relation > 0
+
 
 def default_layer_map(layers):
     """The student's layers paired with the teacher layers they were copied from, and the embeddings (0:0)."""
@@ -182,7 +185,7 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     # The student's logits are needed where KD/MSE read them, else only at the masked positions.
     student_rows = rows["kd"] if cfg.needs_teacher_logits() else rows["mlm"]
     attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
-    if cfg.alpha_attn > 0 or cfg.alpha_relation > 0:
+    if cfg.needs_attention():
         wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
         enable_capture(teacher, {t for t, _ in wanted})
         enable_capture(student, {s for _, s in wanted})

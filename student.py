@@ -48,8 +48,9 @@ def encoder_layers(model):
 
 
 def check_layers(layers, n_teacher_layers):
-    """Validate a list of teacher layer indices (0-based) and return it as a list of ints."""
-    layers = list(layers)
+    """Validate a list of teacher layer indices (0-based) and return it as a list of ints;
+    None stands for default_layers(n_teacher_layers)."""
+    layers = default_layers(n_teacher_layers) if layers is None else list(layers)
     if not layers:
         raise StudentError("--layers is empty: give at least one teacher layer, e.g. --layers 0,2,4")
     bad = [i for i in layers if not 0 <= i < n_teacher_layers]
@@ -69,7 +70,7 @@ def make_student(teacher, layers=None, init="teacher"):
     ablation). The teacher is left untouched.
     """
     n = teacher.config.num_hidden_layers
-    layers = check_layers(default_layers(n) if layers is None else layers, n)
+    layers = check_layers(layers, n)
     student = copy.deepcopy(teacher)  # keeps tied weights tied, and any module outside the layer list
     student_layers = encoder_layers(student)
     kept = [student_layers[i] for i in layers]
@@ -102,7 +103,7 @@ def make_narrow_student(teacher, layers=None, hidden_size=None, num_heads=None, 
     add_projection; KD, MLM and the relation loss do not.
     """
     c = teacher.config
-    layers = check_layers(default_layers(c.num_hidden_layers) if layers is None else layers, c.num_hidden_layers)
+    layers = check_layers(layers, c.num_hidden_layers)
     hidden_size, num_heads = hidden_size or c.hidden_size, num_heads or c.num_attention_heads
     if hidden_size % num_heads or hidden_size > c.hidden_size:
         raise StudentError(f"--student-hidden {hidden_size} --student-heads {num_heads}: the hidden size must be a "
@@ -198,7 +199,7 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
     if init not in ("teacher", "random"):
         raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
     c = teacher.config
-    layers = check_layers(default_layers(c.num_hidden_layers) if layers is None else layers, c.num_hidden_layers)
+    layers = check_layers(layers, c.num_hidden_layers)
     config = DistilBertConfig(
         vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, sinusoidal_pos_embds=False,
         n_layers=len(layers), n_heads=c.num_attention_heads, dim=c.hidden_size, hidden_dim=c.intermediate_size,

@@ -30,8 +30,8 @@ from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, build_student, check_layers, default_layers, load_teacher, load_tokenizer,
-                     save_student, usable_positions)
+from student import (StudentError, build_student, check_layers, load_teacher, load_tokenizer, save_student,
+                     usable_positions)
 
 
 def get_lr(step, total_steps, args):
@@ -91,26 +91,25 @@ def main(argv=None):
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
     except ValueError:
         raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
-    if layers is not None:  # now, not after tokenizing the corpus
-        check_layers(layers, teacher.config.num_hidden_layers)
+    n_teacher_layers = teacher.config.num_hidden_layers
+    layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
     max_len = usable_positions(teacher)
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
-    n_teacher_layers = teacher.config.num_hidden_layers
     try:
-        layer_map = parse_layer_map(args.layer_map, layers or default_layers(n_teacher_layers), n_teacher_layers)
+        layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
         cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
                            args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
                            args.alpha_relation, args.relation_heads, layer_map)
-        if cfg.alpha_attn > 0 or cfg.alpha_relation > 0:
+        if cfg.needs_attention():
             check_capture(teacher)
     except ValueError as e:
         raise StudentError(str(e))
     if not cfg.needs_teacher() and cfg.alpha_mlm <= 0:
         raise DataError("every --alpha-* is 0: turn on at least one loss")
     student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
-                            args.student_heads, compares_hidden_states=cfg.alpha_cos > 0 or cfg.alpha_hidden > 0)
+                            args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
@@ -302,8 +301,7 @@ def main(argv=None):
         save_student(student, tokenizer, args.out)
         corpora = {"train": (args.train, len(corpus.tokens)),
                    "valid": (args.valid, len(valid_seqs.tokens) if valid_seqs is not None else 0)}
-        write_model_card(args.out, config, teacher, student, tokenizer.mask_token,
-                         layers or default_layers(teacher.config.num_hidden_layers), step, corpora,
+        write_model_card(args.out, config, teacher, student, tokenizer.mask_token, layers, step, corpora,
                          valid_ppl, teacher_ppl)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
     if ddp:
