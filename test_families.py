@@ -24,12 +24,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer,
-                          CamembertConfig, CamembertForMaskedLM, CamembertTokenizer, DebertaV2Config,
-                          DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer, ElectraConfig, ElectraForMaskedLM,
-                          ElectraForPreTraining, DistilBertConfig, DistilBertForMaskedLM, ModernBertConfig,
-                          ModernBertForMaskedLM, MPNetConfig, MPNetForMaskedLM, MPNetTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, XLMRobertaConfig,
-                          XLMRobertaForMaskedLM, XLMRobertaTokenizer)
+from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig,
+                          BertForMaskedLM, BertTokenizer, CamembertConfig, CamembertForMaskedLM, CamembertTokenizer,
+                          DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer,
+                          DistilBertConfig, DistilBertForMaskedLM, ElectraConfig, ElectraForMaskedLM,
+                          ElectraForPreTraining, ModernBertConfig, ModernBertForMaskedLM, MPNetConfig,
+                          MPNetForMaskedLM, MPNetTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer,
+                          XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizer)
 
 import train
 from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
@@ -114,7 +115,8 @@ def deberta_tokenizer(texts):
 
 
 def mpnet_tokenizer(folder):
-    # mpnet-base: <s>=0 <pad>=1 </s>=2 <unk>=3, then BERT's WordPiece vocabulary (its [UNK] is the one used), <mask> last
+    # mpnet-base: <s>=0 <pad>=1 </s>=2 <unk>=3, then BERT's WordPiece vocabulary (whose [UNK] it uses),
+    # <mask> last
     wordpiece_tokenizer(folder, ENGLISH, lowercase=True)
     vocab = open(os.path.join(folder, "vocab.txt")).read().split()
     write_lines(os.path.join(folder, "vocab.txt"), ["<s>", "<pad>", "</s>", "<unk>"] + vocab + ["<mask>"])
@@ -314,7 +316,7 @@ def test_subset_student_saves_and_reloads(family, tmp_path):
 # ---- (c) data, one distillation step, and train.py ----
 
 def test_data_uses_the_tokenizers_own_special_tokens(family, tmp_path):
-    teacher, tokenizer = family.teacher, family.tokenizer
+    tokenizer = family.tokenizer
     # a fast tokenizer keeps its last call's padding and truncation in its backend: they must not leak in
     tokenizer(["a", "a a a"], padding="max_length", truncation=True, max_length=8)
     corpus = load_corpus(family.train, tokenizer, str(tmp_path), progress=False)

@@ -12,7 +12,6 @@ for a good one. A few of them are also run as real processes to check what the u
 
 import fcntl
 import json
-import math
 import os
 import shutil
 
@@ -22,7 +21,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, Bert
 
 import train
 from checkpoint import CheckpointError
-from conftest import WORDS, make_bert_teacher, write_bert_vocab, write_corpus
+from conftest import WORDS, write_bert_vocab, write_corpus
 from data import DataError
 from student import StudentError
 from test_resume import checkpoints, flags, metrics, ok, run, train_records, weights, wrapper
