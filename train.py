@@ -30,7 +30,7 @@ from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, build_student, check_layers, encoder_layers, load_teacher, load_tokenizer,
+from student import (StudentError, build_student, check_layers, compile_layers, load_teacher, load_tokenizer,
                      save_student, usable_positions)
 
 
@@ -166,9 +166,8 @@ def main(argv=None):
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
 
     model = student
-    if args.compile:  # each encoder layer on its own: no graph break inside, the row selection stays outside
-        for layer in encoder_layers(student):
-            layer.compile()
+    if args.compile:  # after the probe's forward (see compile_layers)
+        compile_layers(student)
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         # Only the student is wrapped: the teacher has no gradients to synchronise.
