@@ -124,6 +124,25 @@ def test_every_loss_finite_in_fp32_is_finite_in_fp16(tiny_teacher_no_dropout, ti
         assert values[torch.float16][name] == pytest.approx(value, rel=0.02, abs=1e-3), name
 
 
+def test_attention_kl_of_fp16_scores_under_the_fp16_mask_is_finite():
+    """The model adds its dtype's minimum at padded keys: in fp16, -65504 plus a score below about -16
+    is -inf, and the KL then multiplied 0 by inf. Real models (the offline MiniLM) have such scores."""
+    from distil import attention_loss
+    torch.manual_seed(0)
+    attention_mask = torch.tensor([[1, 1, 1, 0]])
+    real_rows = torch.tensor([0, 1, 2])
+    scores = {name: (torch.randn(1, 2, 4, 4) * 40) for name in ("student", "teacher")}
+    def captured(name, dtype):
+        mask = (1 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return {"scores": scores[name].to(dtype), "mask": mask}
+    cfg = DistilConfig(attn_loss="kl")
+    fp32 = attention_loss(captured("student", torch.float32), captured("teacher", torch.float32), attention_mask,
+                          real_rows, 3, cfg)
+    fp16 = attention_loss(captured("student", torch.float16), captured("teacher", torch.float16), attention_mask,
+                          real_rows, 3, cfg)
+    assert torch.isfinite(fp16) and fp16.item() == pytest.approx(fp32.item(), rel=1e-2)
+
+
 # ---- 9. the fp16 KD gradient survives the scaler ----
 
 def test_fp16_kd_gradient_keeps_what_the_scale_lifts_out_of_underflow():
