@@ -476,7 +476,9 @@ def micro_batch_loader(dataset, start, stop, num_workers=0, pin_memory=False):
     pin_memory (on a GPU) puts them in page-locked memory, so that .to(device, non_blocking=True)
     copies them while the GPU computes.
     """
+    # fork, where there is one: a worker then shares the memory-mapped corpus with its parent, where a
+    # spawned one (Python 3.14's default on Linux is forkserver) would be sent a pickled copy of it.
+    context = "fork" if num_workers and sys.platform != "win32" else None
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
                                        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                                       multiprocessing_context="fork" if num_workers and sys.platform != "win32"
-                                       else None)
+                                       multiprocessing_context=context)
