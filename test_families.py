@@ -347,6 +347,51 @@ def test_data_uses_the_tokenizers_own_special_tokens(family, tmp_path):
     assert ((new == tokenizer.mask_token_id) | ~np.isin(new, list(special))).all()
 
 
+LITERAL_SPECIALS = ["[MASK]", "[PAD]", "[CLS]", "[SEP]", "[UNK]", "<mask>", "<pad>", "<s>", "</s>", "<unk>",
+                    "<s>NOTUSED", "<|endoftext|>"]
+
+
+def test_special_token_strings_in_the_text_are_text(family, tmp_path):
+    """A line that talks about [MASK] or <pad> is text: the only special ids in a sequence are the
+    ones the loader puts there ([CLS]/<s> first, [SEP]/</s> last and between packed documents, the
+    pad id where attention is 0); the unknown token, which stands for text, is the one exception."""
+    tokenizer = family.tokenizer
+    literals = sorted(set(LITERAL_SPECIALS) | set(tokenizer.all_special_tokens))
+    words = FAMILIES[family.name][0]
+    lines = [f"type {token} to hide a word and {' '.join(words[:3])} {token}{words[4]} ({token})" for token in literals]
+    lines += [" ".join(literals), "".join(literals)]
+    path = write_lines(str(tmp_path / "specials.txt"), lines)
+    corpus = load_corpus(path, tokenizer, str(tmp_path / "cache"), min_tokens=1, progress=False)
+    special = np.array(sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}))
+    tokens = np.asarray(corpus.tokens)
+    separators = np.zeros(len(tokens), bool)
+    separators[corpus.doc_starts[1:] - 1] = True
+    assert len(corpus.doc_starts) == len(lines) + 1
+    assert (tokens[separators] == tokenizer.sep_token_id).all()
+    assert not np.isin(tokens[~separators], special).any()
+    # the text is there: more pieces than the words around the special strings
+    assert (np.diff(corpus.doc_starts)[:len(literals)] > 9).all()
+    # in batches: special ids only at the frame, the separators and the padding; padding has attention 0
+    seqs = make_sequences(corpus, 16)
+    original, attention_mask = collate(seqs, np.arange(len(seqs.starts)), tokenizer)
+    batch = make_batch(seqs, np.arange(len(seqs.starts)), tokenizer, mask_spec(tokenizer), seed=0, epoch=0)
+    real = attention_mask.astype(bool)
+    frame = np.zeros_like(real)
+    frame[:, 0] = True
+    frame[np.arange(len(real)), real.sum(1) - 1] = True
+    inner = real & ~frame
+    assert ((original == tokenizer.pad_token_id) == ~real).all()
+    assert (original[inner & np.isin(original, special)] == tokenizer.sep_token_id).all()
+    assert (original[frame & (np.arange(real.shape[1]) == 0)] == tokenizer.cls_token_id).all()
+    # the text's pieces are predicted like any other text; the labels are the original ids
+    predicted = batch["labels"] != -100
+    maskable = inner & ~np.isin(original, list(tokenizer.all_special_ids))  # the unknown token is not masked
+    assert predicted.sum() > 0.1 * maskable.sum() and (batch["labels"][predicted] == original[predicted]).all()
+    assert not np.isin(original[predicted], special).any()
+    # the mask id appears only where a label is
+    assert not ((batch["input_ids"] == tokenizer.mask_token_id) & ~predicted).any()
+
+
 def test_distil_step_gives_finite_losses_and_gradients(family, tmp_path):
     teacher, tokenizer = family.teacher, family.tokenizer
     corpus = load_corpus(family.train, tokenizer, str(tmp_path), progress=False)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
                         save_checkpoint, stop_signals, truncate_metrics)
-from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from data import DataError, corpus_note, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, check_capture, count_rows, distil_step, parse_layer_map, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
@@ -114,11 +114,14 @@ def main(argv=None):
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
-    valid_seqs = None
+    valid_seqs = valid_corpus = None
     if args.valid:
-        valid_seqs = make_sequences(load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column,
-                                                args.min_tokens, progress=master and args.progress),
-                                    args.seq_len, args.pack)
+        valid_corpus = load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                                   progress=master and args.progress)
+        valid_seqs = make_sequences(valid_corpus, args.seq_len, args.pack)
+    for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+        if note and master:  # what reading skipped (empty or null texts) is said, never silent
+            print(note)
     spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
