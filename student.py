@@ -301,6 +301,11 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
     if not tokenizer.is_fast:
         raise StudentError(f"{flag} {source}: only a slow (Python) tokenizer is available; "
                            "save the teacher's fast tokenizer (tokenizer.json) beside it")
+    if not _has_vocabulary(tokenizer):
+        # transformers builds the model class's tokenizer from nothing when a folder has no tokenizer files
+        raise StudentError(f"{flag} {source}: no tokenizer files there (its tokenizer would hold only the "
+                           f"{len(tokenizer)} special tokens); pass --tokenizer with a folder holding the teacher's "
+                           "tokenizer (tokenizer.json, or vocab.txt, or vocab.json and merges.txt)")
     missing = [name for name in ("mask_token", "pad_token", "cls_token", "sep_token")
                if getattr(tokenizer, name) is None]
     if missing:
@@ -319,15 +324,38 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
     except Exception as e:  # the Rust backend raises a bare Exception
         raise StudentError(f"{flag} {source}: the tokenizer fails on plain text ({_first_line(e)}); "
                            "use the teacher's own tokenizer") from None
-    if tokenizer_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
-        own, theirs = AutoTokenizer.from_pretrained(teacher_path).get_vocab(), tokenizer.get_vocab()
-        if own != theirs:
-            token = next(t for t in sorted(set(own) | set(theirs), key=lambda t: own.get(t, theirs.get(t)))
-                         if own.get(t) != theirs.get(t))
-            raise StudentError(f"--tokenizer {source}: its vocabulary differs from the teacher's own tokenizer "
-                               f"({len(theirs)} vs {len(own)} tokens; {token!r} is id {theirs.get(token)} vs "
-                               f"{own.get(token)}); drop --tokenizer to use the teacher's")
+    if tokenizer_path:
+        check_same_tokenizer(tokenizer, teacher_path, tokenizer_path)
     return tokenizer
+
+
+def check_same_tokenizer(tokenizer, teacher_path, tokenizer_path):
+    """Refuse a --tokenizer whose vocabulary or special tokens differ from the teacher's own tokenizer.
+
+    The teacher's own is loaded however it is stored (tokenizer.json; vocab.txt; vocab.json and
+    merges.txt; a SentencePiece model; a hub name in the local cache): the same words in another
+    order give other ids, and a student trained on them is garbage. Only a teacher whose own
+    tokenizer cannot be loaded at all (no tokenizer files, or a format needing a missing package) is
+    taken on trust: then --tokenizer is the only tokenizer there is.
+    """
+    try:
+        own = AutoTokenizer.from_pretrained(teacher_path)
+    except Exception:  # none there, or unreadable: transformers, tokenizers and sentencepiece raise many kinds
+        return
+    if not _has_vocabulary(own):  # a folder without tokenizer files gives an empty tokenizer of its class
+        return
+    own_vocab, theirs = own.get_vocab(), tokenizer.get_vocab()
+    if own_vocab != theirs:
+        token = next(t for t in sorted(set(own_vocab) | set(theirs), key=lambda t: own_vocab.get(t, theirs.get(t)))
+                     if own_vocab.get(t) != theirs.get(t))
+        raise StudentError(f"--tokenizer {tokenizer_path}: its vocabulary differs from the teacher's own tokenizer "
+                           f"({len(theirs)} vs {len(own_vocab)} tokens; {token!r} is id {theirs.get(token)} vs "
+                           f"{own_vocab.get(token)}); drop --tokenizer to use the teacher's")
+    for name in ("mask_token", "cls_token", "sep_token", "pad_token", "unk_token"):
+        if getattr(own, name) is not None and getattr(tokenizer, name) != getattr(own, name):
+            raise StudentError(f"--tokenizer {tokenizer_path}: its {name} is {getattr(tokenizer, name)!r} but the "
+                               f"teacher's own tokenizer's is {getattr(own, name)!r}; drop --tokenizer to use the "
+                               "teacher's")
 
 
 def save_student(student, tokenizer, out_dir):
@@ -346,6 +374,11 @@ def save_student(student, tokenizer, out_dir):
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
+
+
+def _has_vocabulary(tokenizer):
+    """Whether the tokenizer has tokens besides its special ones."""
+    return bool(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens))
 
 
 def _first_line(error):
