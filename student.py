@@ -445,6 +445,7 @@ def check_reloads(student, tokenizer, folder, atol=1e-4):
     ids = tokenizer("The cat sat on the mat, and a bird flew over the house.", add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
     spread = [i for i in torch.linspace(0, len(tokenizer) - 1, 4 * n).long().tolist() if i not in special]
+    spread = spread or [tokenizer.cls_token_id]  # (a vocabulary of special tokens alone: any ids will do)
     rows = [[tokenizer.cls_token_id] + (x * n)[:n - 2] + [tokenizer.sep_token_id] for x in (ids or spread, spread)]
     input_ids = torch.tensor(rows, device=student.device)
     try:

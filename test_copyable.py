@@ -44,12 +44,13 @@ print("ok")
 # student.py alone: a tiny BERT from a config, a student of two of its layers, saved and reloaded.
 USE_STUDENT = """
 import torch
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertTokenizer
 import student
 assert os.path.dirname(student.__file__) == here
 with open("vocab.txt", "w") as f:
     f.write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]) + "\\n")
-tokenizer = BertTokenizerFast(vocab_file="vocab.txt")
+tokenizer = BertTokenizer(vocab="vocab.txt")
+assert len(tokenizer) == 10
 torch.manual_seed(0)
 teacher = BertForMaskedLM(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=32)).eval()
