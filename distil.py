@@ -152,8 +152,11 @@ def _encoder_layers(model):
     """The model's list of transformer layers: the first ModuleList with one module per layer, all of
     one type (student.encoder_layers' rule, repeated here so that this file needs only losses.py)."""
     n = model.config.num_hidden_layers
-    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n
-                and len({type(x) for x in m}) == 1)
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n
+                   and len({type(x) for x in m}) == 1), None)
+    if layers is None:
+        raise ValueError(f"cannot find the {n} encoder layers of {type(model).__name__} to capture attention in")
+    return layers
 
 
 def enable_capture(model, layer_indices):
