@@ -75,7 +75,9 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--compile", action="store_true", help="torch.compile the student")
+    a("--compile", action="store_true", help="torch.compile the student's encoder layers")
+    a("--num-workers", type=int, help="DataLoader processes building batches ahead of the step "
+      "(default: up to 4 per GPU; 0 on a CPU, where batches cost about 0.5%% of a step)")
     a("--seed", type=int, default=42)
     a("--eval-every", type=int, default=500)
     a("--save-every", type=int, default=1000)
@@ -151,6 +153,7 @@ RANGES = [
     ("keep", "int", lambda v: v >= 0, "at least 0 (0 = keep all)"),
     ("max_bad_steps", "int", lambda v: v >= 1, "at least 1"),
     ("seed", "int", lambda v: v >= 0, "at least 0"),
+    ("num_workers", "int", lambda v: v >= 0, "at least 0 (0 = batches built in the training process)"),
 ]
 
 
@@ -161,7 +164,7 @@ def check_ranges(args):
     for --batch-size or true for --lr is caught here too; NaN and infinities are refused as well."""
     for name, kind, test, valid in RANGES:
         value = getattr(args, name)
-        if value is None and name in ("max_steps", "student_hidden", "student_heads"):  # optional
+        if value is None and name in ("max_steps", "student_hidden", "student_heads", "num_workers"):  # optional
             continue
         flag = "--" + name.replace("_", "-")
         if kind == "int":

@@ -58,6 +58,7 @@ BAD_FLAGS = [
     (["--student-hidden", "0"], ["--student-hidden 0"]),
     (["--student-heads", "0"], ["--student-heads 0"]),
     (["--seed", "-1"], ["--seed -1"]),
+    (["--num-workers", "-1"], ["--num-workers -1"]),
     # attention losses read pairs of real layers: the embeddings (0) have no attention
     (["--alpha-attn", "1", "--layer-map", "0:0"], ["--alpha-attn", "--layer-map 0:0", "both above 0"]),
     (["--alpha-relation", "1", "--layer-map", "0:0,3:0"], ["--alpha-relation", "--layer-map 0:0,3:0"]),
