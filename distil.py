@@ -236,6 +236,11 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     logits_at_real = cfg.needs_teacher_logits() and cfg.kd_on == "all"
     student_rows = real_rows if logits_at_real else batch["masked_rows"]
     attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
+    if cfg.needs_attention() and not attn_pairs:
+        raise ValueError(f"attention and relation losses compare layers above 0 (the embeddings have no attention): "
+                         f"layer_map {cfg.layer_map} has no such pair")
+    if (cfg.alpha_hidden > 0) and not cfg.layer_map:
+        raise ValueError("the hidden-state loss needs at least one pair of layers in layer_map")
     if cfg.needs_attention():
         wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
         enable_capture(teacher, {t for t, _ in wanted})
