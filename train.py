@@ -22,14 +22,16 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
-                        save_checkpoint, stop_signals, truncate_metrics)
-from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
+                        load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
+                        truncate_metrics)
+from data import DataError, corpus_digest, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, check_capture, count_rows, distil_step, parse_layer_map, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
+from precision import DTYPES, autocast_for, pick_dtype
 from student import (StudentError, build_student, check_layers, load_teacher, load_tokenizer, save_student,
                      usable_positions)
 
@@ -42,20 +44,12 @@ def get_lr(step, total_steps, args):
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # AMX / AVX512-BF16 CPUs multiply bf16 several times faster than fp32; others gain nothing
-            flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-            name = "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def run_config(args, world_size):
-    """The run's settings as recorded in checkpoints; the global batch stands for its split."""
+def run_config(args, world_size, dtype, dtype_reason):
+    """The run's settings as recorded in checkpoints and run.json: the flags, with the dtype resolved
+    (never "auto": a resume compares what was computed) and the global batch standing for its split."""
     config = {k: v for k, v in vars(args).items()}
-    config["global_batch"] = args.batch_size * args.grad_accum * world_size
+    config.update(dtype=dtype, dtype_requested=args.dtype, dtype_reason=dtype_reason,
+                  global_batch=args.batch_size * args.grad_accum * world_size)
     return config
 
 
@@ -74,13 +68,14 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = pick_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    dtype_name, dtype_reason = pick_dtype(args.dtype, device)
+    dtype = DTYPES[dtype_name]
+    autocast = autocast_for(device, dtype)
 
     # ---- inputs, all checked before anything is written or the process group starts ----
     check_out_dir(args.out, args.resume)
     check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
-    config = run_config(args, world_size)
+    config = run_config(args, world_size, dtype_name, dtype_reason)
     ckpt_path = ckpt = None
     if args.resume:
         ckpt_path, ckpt = load_latest(args.out)
@@ -114,6 +109,10 @@ def main(argv=None):
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
+    config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": len(seqs.starts),
+                              "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    if ckpt is not None:
+        check_same_corpus(ckpt["config"], config, ckpt_path)
     valid_seqs = None
     if args.valid:
         valid_seqs = make_sequences(load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column,
@@ -148,13 +147,16 @@ def main(argv=None):
                                   lr=args.lr, betas=betas, eps=args.adam_eps, fused=use_cuda)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
+    if master:  # the run's first line, once every input has passed its checks (an error stays one line)
+        print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
+
     # ---- resume ----
     names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
                         if getattr(cfg, f"alpha_{k}") > 0]
     step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * len(names), 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # with this run's fused/foreach, not the saved run's
         scaler.load_state_dict(ckpt["scaler"])
         step, teacher_ppl, skipped = ckpt["step"], ckpt["teacher_ppl"], ckpt["skipped_steps"]
         window, n_logged = ckpt["log_window"]  # losses since the last log line, so the next one is whole
