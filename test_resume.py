@@ -321,6 +321,12 @@ def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
     assert f"trained in {other}" in line and f"compute in {auto_here} (--dtype auto" in line
     assert f"--dtype {other} to continue" in line
 
+    # a checkpoint from before the resolved dtype was recorded says "auto": the user names the dtype
+    copy = edited_copy(out, tmp_path / "legacy", lambda state: state["config"].update(dtype="auto"))
+    line = one_line_error(run(flags(short, out=copy, resume=True, dtype="auto")))
+    assert "records --dtype auto" in line and "pass --dtype with the precision the run used" in line
+    ok(run(flags(short, out=copy, resume=True, dtype="fp32")))
+
 
 def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
     short, out, _ = short_run
