@@ -379,7 +379,7 @@ def _digest(corpus):
 def corpus_digest(corpus):
     """SHA-256 of the corpus's ids (hex): equal iff the tokens a run trains on are. Unlike the cache's
     key, it does not depend on the file's path or modification time, which differ between the nodes
-    of a cluster and after a copy. Hashed once per token cache (about 2 s per GB of ids), kept as the
+    of a cluster and after a copy. Hashed once per token cache (about 1.5 s per GB of ids), kept as the
     cache key + ".sha256"."""
     def save(path, digest):
         with open(path, "w") as f:
