@@ -35,6 +35,7 @@ from distil import DistilConfig, count_rows, distil_step
 from evaluate import to_device
 from precision import DTYPES, autocast_for, pick_dtype
 from student import load_teacher, make_student
+from train import host_to_device
 
 MODELS = {  # teacher shapes; random weights are as fast as trained ones
     "cpu": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -199,7 +200,7 @@ def run_variant(args):
             b = {k: np.pad(v, ((0, 0), (0, pad)), constant_values=(tokenizer.pad_token_id if k == "input_ids"
                                                                       else -100 if k == "labels" else 0))
                  for k, v in b.items()}
-        batches.append({k: torch.as_tensor(v).to(device) for k, v in b.items()})
+        batches.append(to_device(b, device))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     # The loss check: the first packed batch, before any update (same weights in every variant).
@@ -256,18 +257,17 @@ OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num
                       intermediate_size=64, max_position_embeddings=512)  # ids 1000+ for synthetic_corpus
 
 
-def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step):
-    """One optimizer step as train.py's loop takes it in one process: the row counts and the stop flag
-    (read once), each micro-batch moved to the device, distilled and backpropagated, the losses read,
-    then unscale, clip, the non-finite check and the step. The same calls in the same order as
-    train.py's loop body (without logging, evaluation and checkpoints): keep the two alike;
-    bench.py --train times the real loop beside this one so that a difference shows."""
-    counts = [count_rows(b, cfg) for b in micro]
-    stats = torch.tensor([sum(c[k] for c in counts) for k in ("kd", "mlm", "cos")] + [False],
-                         dtype=torch.float64, device=device)
-    if stats[3].item() > 0:
-        raise RuntimeError("unreachable: nothing asks the benchmark to stop")
-    denominators = {"kd": stats[0], "mlm": stats[1], "cos": stats[2]}
+def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window):
+    """One optimizer step as train.py's loop takes it in one process: the row counts from the host,
+    each micro-batch (from data.make_batch) moved to the device, distilled and backpropagated, unscale
+    and clip, the step's one read-back (loss, gradient norm, stop flag), the step, the log window
+    summed on the device. The same calls in the same order as train.py's loop body (without logging,
+    evaluation and checkpoints): keep the two alike; bench.py --train times the real loop beside
+    this one, so that a difference shows."""
+    counts = [sum(count_rows(b, cfg)[k] for b in micro) for k in ("kd", "mlm", "cos")]
+    denominators = {"kd": counts[0], "mlm": counts[1], "cos": counts[2]}
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
     torch.manual_seed(int(np.random.SeedSequence([0, step, 0]).generate_state(1)[0]))
     losses = torch.zeros(len(names), dtype=torch.float64, device=device)
     for batch in micro:
@@ -276,15 +276,16 @@ def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device
             loss, terms = distil_step(model, teacher, batch, cfg, denominators)
         scaler.scale(loss).backward()
         losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
-    losses = losses.tolist()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-        scaler.update()
-    elif math.isfinite(losses[0]) and math.isfinite(grad_norm.item()):
+    stats = torch.cat([losses, host_to_device([0.0], device)])  # the stop flag travels with the losses
+    losses = stats[:-1]
+    loss_value, norm_value, stop = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-1:]]).tolist()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    window += torch.cat([losses, host_to_device([counts[2]], device)])
 
 
 def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
@@ -292,7 +293,8 @@ def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
     and backward, the KL (F.kl_div) on the logits at the masked rows, AdamW. The rows are flat indices
     computed on the host; the vocabulary projection runs at those rows only, as in distil_step, so both
     steps do the same arithmetic there."""
-    ids, attention_mask, rows = batch["input_ids"], batch["attention_mask"], batch["rows"]
+    ids, rows = batch["input_ids"], batch["masked_rows"]
+    attention_mask = batch["attention_mask"] if batch["padded"] else None  # packed: no mask, as distil_step
 
     def logits_at_rows(model):
         hidden = model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
@@ -304,7 +306,7 @@ def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
         s_logits = logits_at_rows(student)
     loss = F.kl_div(F.log_softmax(s_logits.float() / temperature, dim=-1),
                     F.log_softmax(t_logits.float() / temperature, dim=-1), log_target=True,
-                    reduction="sum") * temperature**2 / batch["n_rows"]
+                    reduction="sum") * temperature**2 / max(1, len(rows))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -337,25 +339,21 @@ def bench_overhead(args):
     spec = mask_spec(tokenizer)
     batches = [make_batch(seqs, indices, tokenizer, spec, 0, 0)
                for indices in epoch_batches(seqs, args.batch_size, 0, 0)[:n_steps]]
-    fused = device.type == "cuda"
-    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=fused)
-    minimal_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=fused)
+    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as train.make_optimizer
+    minimal_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {"ours": [], "minimal": []}
+    window = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
-        rows = np.flatnonzero(batch["labels"] != -100)  # on the host, as the data pipeline knows them
-        padded = not batch["attention_mask"].all()
-        minimal = {"input_ids": torch.as_tensor(batch["input_ids"]).to(device),
-                   "attention_mask": torch.as_tensor(batch["attention_mask"]).to(device) if padded else None,
-                   "rows": torch.as_tensor(rows).to(device), "n_rows": len(rows)}
         for name in ("ours", "minimal") if i % 2 == 0 else ("minimal", "ours"):  # neither always goes first
             sync()
             start = time.perf_counter()
             if name == "ours":
-                train_py_step(student, student, teacher, ours_opt, scaler, [batch], cfg, device, autocast, names, i)
-            else:
-                minimal_step(twin, teacher, minimal_opt, minimal, autocast)
+                train_py_step(student, student, teacher, ours_opt, scaler, [batch], cfg, device, autocast, names, i,
+                              window)
+            else:  # the same batch, its masked rows found on the host by data.make_batch
+                minimal_step(twin, teacher, minimal_opt, to_device(batch, device), autocast)
             sync()
             if i >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - start))

@@ -80,9 +80,12 @@ def metrics(out):
     return [json.loads(line, parse_constant=not_json) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+TIMINGS = {"tokens_per_s", "data_wait"}  # wall-clock measurements, which no two runs share
+
+
 def train_records(out):
     """metrics.jsonl's training lines without the wall-clock throughput, which no two runs share."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(out) if "loss" in r]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in metrics(out) if "loss" in r]
 
 
 def weights(out):
@@ -142,21 +145,23 @@ def test_keep_only_the_newest_checkpoints(setup):
 
 
 def test_stopped_and_resumed_run_is_the_same_run(setup, tmp_path):
-    """SIGTERM inside step 3 (in warmup, mid-epoch, accumulation 2): the run saves at step 3 and exits 0;
-    --resume (with other cadence flags) gives bitwise the same losses and weights as never stopping."""
+    """SIGTERM inside step 3's update (in warmup, mid-epoch, accumulation 2). The stop flag is read with
+    the step's one read-back, before the update, so step 4 sees it: the run finishes step 4, saves at
+    step 4 and exits 0; --resume (with other cadence flags) gives bitwise the same losses and weights
+    as never stopping."""
     base, reference = setup
     out = str(tmp_path / "out")
     stop = wrapper(tmp_path, "stop", STOP_AT_STEP)
     stopped = ok(run(flags(base, out=out, save_every=5), script=stop, env={"STOP_AFTER": "3"}))
-    assert "stopped at step 3 as asked" in stopped.stdout and "took 3 optimizer steps" in stopped.stdout
-    assert checkpoints(out) == ["step-00000003.pt"]
-    state = load_checkpoint(out, "step-00000003.pt")
+    assert "stopped at step 4 as asked" in stopped.stdout and "took 4 optimizer steps" in stopped.stdout
+    assert checkpoints(out) == ["step-00000004.pt"]
+    state = load_checkpoint(out, "step-00000004.pt")
     epoch, index = state["data_position"]
     assert epoch == 0 and 0 < index, "the stop should fall mid-epoch"
     assert [r["lr"] for r in train_records(out)][-1] < base["lr"], "the stop should fall in the warmup"
 
     resumed = ok(run(flags(base, out=out, save_every=4, keep=1, resume=True)))
-    assert "resumed from" in resumed.stdout and "step-00000003.pt at step 3" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "step-00000004.pt at step 4" in resumed.stdout
     assert train_records(out) == train_records(reference)  # every step's loss, each term, lr, grad norm
     assert [r for r in metrics(out) if "valid_ppl" in r] == [r for r in metrics(reference) if "valid_ppl" in r]
     assert same_weights(out, reference)
@@ -350,16 +355,19 @@ def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
 
 
 def test_resumed_optimizer_takes_this_runs_fused_setting(short_run, tmp_path):
-    """A checkpoint whose optimizer was fused (a GPU run) resumed on a CPU, where this run builds it
-    unfused: the resumed optimizer is unfused, as the checkpoint it writes next records."""
+    """A checkpoint whose optimizer was unfused (a run from before AdamW was fused on CPUs too; on a
+    GPU, a run started on a CPU that had none) resumed where this run builds it fused: the resumed
+    optimizer is fused, as the checkpoint it writes next records."""
     short, out, _ = short_run
-    def from_a_gpu(state):
+    assert [g["fused"] for g in load_checkpoint(out, "step-00000002.pt")["optimizer"]["param_groups"]] == [True, True]
+
+    def unfused(state):
         for group in state["optimizer"]["param_groups"]:
-            group["fused"] = True
-    copy = edited_copy(out, tmp_path, from_a_gpu, step=2)
+            group["fused"] = False
+    copy = edited_copy(out, tmp_path, unfused, step=2)
     ok(run(flags(short, out=copy, resume=True)))
     groups = load_checkpoint(copy, "step-00000003.pt")["optimizer"]["param_groups"]
-    assert [g["fused"] for g in groups] == [False, False]
+    assert [g["fused"] for g in groups] == [True, True]
 
 
 def test_load_optimizer_state_moves_a_cpu_state_to_a_fused_optimizer():
