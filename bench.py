@@ -472,6 +472,7 @@ def bench_train(args, train_flags):
     print(f"\n{os.path.basename(teacher)} -> {run['layers'] or 'half its layers'}, batch {args.batch_size} x "
           f"{args.seq_len} per device, {world_size} process(es), {run['dtype']} ({run['dtype_reason']}), "
           f"--kd-on {kd_on}, {where}")
+    waits = [r["data_wait"] for r in records if "data_wait" in r]
     rows = [("train.py's loop", f"steps {window + 1}-{total}", loop_tps),
             ("step benchmark", f"{timed} steps after 3", step["tokens_per_s"])]
     if device == "cuda":
@@ -484,7 +485,8 @@ def bench_train(args, train_flags):
             line += f", MFU {100 * util:.1f}% of {card}'s {peak} TFLOPS" if util is not None else \
                 f", MFU unknown ({card} is not in bench.PEAK_TFLOPS)"
         print(line)
-    print(f"  train.py's loop / step benchmark: {loop_tps / step['tokens_per_s']:.2f}")
+    print(f"  train.py's loop / step benchmark: {loop_tps / step['tokens_per_s']:.2f}"
+          + (f"; the loop waited for data {100 * sum(waits) / len(waits):.1f}% of its time" if waits else ""))
     return loop_tps, step["tokens_per_s"]
 
 
