@@ -25,14 +25,15 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
                         load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
                         truncate_metrics)
-from data import DataError, MicroBatches, corpus_digest, load_corpus, make_sequences, mask_spec, micro_batch_loader
+from data import (DataError, MicroBatches, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec,
+                  micro_batch_loader)
 from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
 from precision import DTYPES, autocast_for, pick_dtype
-from student import (StudentError, build_student, check_layers, encoder_layers, load_teacher, load_tokenizer,
+from student import (StudentError, build_student, check_layers, compile_layers, load_teacher, load_tokenizer,
                      save_student, usable_positions)
 
 
@@ -99,7 +100,11 @@ def load_inputs(args, config, master):
                                     progress=master and args.progress)
     corpus = read(args.train)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
-    valid_seqs = make_sequences(read(args.valid), args.seq_len, args.pack) if args.valid else None
+    valid_corpus = read(args.valid) if args.valid else None
+    valid_seqs = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
+    for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+        if note and master:  # what reading skipped (empty or null texts) is said, never silent
+            print(note)
     spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
@@ -167,9 +172,8 @@ def main(argv=None):
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
 
     model = student
-    if args.compile:  # each encoder layer on its own: no graph break inside, the row selection stays outside
-        for layer in encoder_layers(student):
-            layer.compile()
+    if args.compile:  # after the probe's forward (see compile_layers)
+        compile_layers(student)
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         # Only the student is wrapped: the teacher has no gradients to synchronise.
