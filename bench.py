@@ -4,6 +4,9 @@
     python bench.py --model bert-base       # bert-base -> 6 layers (the GPU default)
     python bench.py --teacher PATH          # a local teacher folder (tokenizes --corpus for data)
     python bench.py --tokenize              # tokenizer/cache throughput instead of the step
+    python bench.py --overhead              # host overhead: train.py's step vs a minimal loop, at width 16
+    python bench.py --train                 # train.py's own loop end to end beside the step benchmark
+    torchrun --nproc_per_node=8 bench.py --train --model bert-base --seq-len 512   # the same on 8 GPUs
 
 Every variant runs in its own process (peak RSS only ever rises), on the same batches, with the
 same weights. "textbook" is the research code's step: full-vocabulary float32 logits for both
@@ -12,7 +15,9 @@ afterwards. "ours" is distil.distil_step; the "-X" rows are ours with one optimi
 """
 
 import argparse
+import copy
 import json
+import math
 import os
 import resource
 import subprocess
@@ -26,17 +31,21 @@ import torch.nn.functional as F
 
 import distil
 from data import Corpus, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import DistilConfig, distil_step
+from distil import DistilConfig, count_rows, distil_step
 from evaluate import to_device
+from precision import DTYPES, autocast_for, pick_dtype
 from student import load_teacher, make_student
+from train import host_to_device
 
 MODELS = {  # teacher shapes; random weights are as fast as trained ones
     "cpu": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
-PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, fp32)
-    "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5), "A10": (125, 31), "L4": (121, 30),
-    "L40S": (362, 91), "V100": (125, 15.7), "T4": (65, 8.1), "RTX 4090": (165, 83),
+PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, fp32); the first key
+    # found in torch.cuda.get_device_name() wins, so the specific names come before the general ones
+    "H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "H800": (989, 67),
+    "A100": (312, 19.5), "A800": (312, 19.5), "A10": (125, 31), "L40S": (362, 91), "L4": (121, 30),
+    "V100": (125, 15.7), "T4": (65, 8.1), "RTX 4090": (165, 83),
 }
 VARIANTS = {  # name: (what is turned off, in words)
     "textbook": "the research code's step, float32",
@@ -117,13 +126,31 @@ def model_flops_per_token(config, n_layers, seq_len, head_fraction):
     return n_layers * (24 * h * h + 4 * seq_len * h) + head_fraction * (2 * h * h + 2 * h * v)
 
 
+def mfu(teacher_config, n_student_layers, seq_len, kd_on, tokens_per_s, dtype, mlm_prob=0.15):
+    """Model FLOPs utilisation of the card this runs on: the teacher's forward and the student's forward
+    and backward (3x its forward) per token, times tokens/s, over the card's dense peak in `dtype`.
+    Returns (mfu, peak TFLOPS, card name), or (None, None, name) for a card missing from PEAK_TFLOPS."""
+    head = 1.0 if kd_on == "all" else mlm_prob  # where the vocabulary projection runs
+    flops = (model_flops_per_token(teacher_config, teacher_config.num_hidden_layers, seq_len, head)
+             + 3 * model_flops_per_token(teacher_config, n_student_layers, seq_len, head))
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops(name, dtype)
+    return (None if peak is None else flops * tokens_per_s / (peak * 1e12)), peak, name
+
+
+def peak_tflops(card, dtype):
+    """The dense peak TFLOPS of the card named `card` (torch.cuda.get_device_name) in `dtype`, or None."""
+    peak = next((p for key, p in PEAK_TFLOPS.items() if key in card), None)
+    return None if peak is None else peak[0] if dtype != torch.float32 else peak[1]
+
+
 def run_variant(args):
     """Time one variant in this process and print one JSON line."""
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     variant = args.variant
-    from train import pick_dtype
-    dtype = torch.float32 if variant.startswith("textbook") or variant == "ours-all-fp32" else pick_dtype(args.dtype, device)
+    dtype = torch.float32 if variant.startswith("textbook") or variant == "ours-all-fp32" else \
+        DTYPES[pick_dtype(args.dtype, device)[0]]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
 
     if args.teacher:
@@ -137,7 +164,6 @@ def run_variant(args):
         teacher.eval().requires_grad_(False)
         tokenizer = SyntheticTokenizer(teacher.config.vocab_size)
         corpus = synthetic_corpus(teacher.config.vocab_size, 40 * args.batch_size * args.seq_len * (args.steps + args.warmup))
-    n_layers = teacher.config.num_hidden_layers
     student = make_student(teacher, args.layers and [int(i) for i in args.layers.split(",")])
     if args.dropout_off:
         for m in list(student.modules()) + list(teacher.modules()):
@@ -216,15 +242,252 @@ def run_variant(args):
               "peak_mb": peak_mb, "losses": first_terms, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "dtype": str(dtype).replace("torch.", "") + (", compiled" if args.compile else "")}
     if device.type == "cuda":  # model FLOPs utilisation: teacher forward + student forward and backward
-        head = 1.0 if kd_on == "all" else 0.15
-        flops = (model_flops_per_token(teacher.config, n_layers, args.seq_len, head)
-                 + 3 * model_flops_per_token(student.config, student.config.num_hidden_layers, args.seq_len, head))
-        name = torch.cuda.get_device_name()
-        peak = next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
-        if peak:
-            peak_tflops = peak[0] if dtype != torch.float32 else peak[1]
-            result.update(mfu=flops * result["tokens_per_s"] / (peak_tflops * 1e12), peak_tflops=peak_tflops)
+        util, peak_tflops, _ = mfu(teacher.config, student.config.num_hidden_layers, args.seq_len, kd_on,
+                                   result["tokens_per_s"], dtype)
+        if util is not None:
+            result.update(mfu=util, peak_tflops=peak_tflops)
     print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# --overhead: train.py's step against the least a loop must do, at a width where compute is negligible
+# ---------------------------------------------------------------------------------------------
+
+OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)  # ids 1000+ for synthetic_corpus
+
+
+def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window):
+    """One optimizer step as train.py's loop takes it in one process: the row counts from the host,
+    each micro-batch (from data.make_batch) moved to the device, distilled and backpropagated, unscale
+    and clip, the step's one read-back (loss, gradient norm, stop flag), the step, the log window
+    summed on the device. The same calls in the same order as train.py's loop body (without logging,
+    evaluation and checkpoints): keep the two alike; bench.py --train times the real loop beside
+    this one, so that a difference shows."""
+    counts = [sum(count_rows(b, cfg)[k] for b in micro) for k in ("kd", "mlm", "cos")]
+    denominators = {"kd": counts[0], "mlm": counts[1], "cos": counts[2]}
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    torch.manual_seed(int(np.random.SeedSequence([0, step, 0]).generate_state(1)[0]))
+    losses = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for batch in micro:
+        batch = to_device(batch, device)
+        with autocast():
+            loss, terms = distil_step(model, teacher, batch, cfg, denominators)
+        scaler.scale(loss).backward()
+        losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+    stats = torch.cat([losses, host_to_device([0.0], device)])  # the stop flag travels with the losses
+    losses = stats[:-1]
+    loss_value, norm_value, stop = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-1:]]).tolist()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    window += torch.cat([losses, host_to_device([counts[2]], device)])
+
+
+def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
+    """The least a distillation step does: the teacher's forward without gradients, the student's forward
+    and backward, the KL (F.kl_div) on the logits at the masked rows, AdamW. The rows are flat indices
+    computed on the host; the vocabulary projection runs at those rows only, as in distil_step, so both
+    steps do the same arithmetic there."""
+    ids, rows = batch["input_ids"], batch["masked_rows"]
+    attention_mask = batch["attention_mask"] if batch["padded"] else None  # packed: no mask, as distil_step
+
+    def logits_at_rows(model):
+        hidden = model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        return model.cls(hidden.flatten(0, 1).index_select(0, rows))
+
+    with autocast():
+        with torch.no_grad():
+            t_logits = logits_at_rows(teacher)
+        s_logits = logits_at_rows(student)
+    loss = F.kl_div(F.log_softmax(s_logits.float() / temperature, dim=-1),
+                    F.log_softmax(t_logits.float() / temperature, dim=-1), log_target=True,
+                    reduction="sum") * temperature**2 / max(1, len(rows))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_overhead(args):
+    """ms per step of train.py's step and of the minimal loop, interleaved on the same batches (so both
+    see the same load), at negligible width: a 12-layer teacher of hidden size 16 -> 6 layers. What is
+    left is host overhead: Python, operator dispatch, synchronisations."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    dtype_name, reason = pick_dtype(args.dtype, device)
+    dtype = DTYPES[dtype_name]
+    autocast = autocast_for(device, dtype)
+    teacher = BertForMaskedLM(BertConfig(**OVERHEAD_SHAPE)).eval().requires_grad_(False)
+    tokenizer = SyntheticTokenizer(teacher.config.vocab_size)
+    n_steps = args.warmup + args.steps
+    corpus = synthetic_corpus(teacher.config.vocab_size, 2 * n_steps * args.batch_size * args.seq_len)
+    student = make_student(teacher)  # the default: an evenly spread half, 6 layers
+    twin = copy.deepcopy(student)
+    teacher.to(device)
+    student.to(device)
+    twin.to(device)
+    if dtype != torch.float32:  # as train.py: the teacher's weights in the compute dtype
+        teacher.to(dtype)
+    cfg = DistilConfig()  # the default recipe
+    names = ["loss"] + [k for k in ("kd", "mlm", "cos") if getattr(cfg, f"alpha_{k}") > 0]
+    seqs = make_sequences(corpus, args.seq_len)
+    spec = mask_spec(tokenizer)
+    batches = [make_batch(seqs, indices, tokenizer, spec, 0, 0)
+               for indices in epoch_batches(seqs, args.batch_size, 0, 0)[:n_steps]]
+    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as train.make_optimizer
+    minimal_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {"ours": [], "minimal": []}
+    window = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        for name in ("ours", "minimal") if i % 2 == 0 else ("minimal", "ours"):  # neither always goes first
+            sync()
+            start = time.perf_counter()
+            if name == "ours":
+                train_py_step(student, student, teacher, ours_opt, scaler, [batch], cfg, device, autocast, names, i,
+                              window)
+            else:  # the same batch, its masked rows found on the host by data.make_batch
+                minimal_step(twin, teacher, minimal_opt, to_device(batch, device), autocast)
+            sync()
+            if i >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    where = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    print(f"host overhead: 12-layer hidden-16 teacher -> 6 layers, vocabulary {teacher.config.vocab_size}, "
+          f"batch {args.batch_size} x {args.seq_len}, {dtype_name} ({reason}), {where}; median of "
+          f"{args.steps} steps after {args.warmup}")
+    print(f"  train.py's step (distil_step, default recipe):           {ms['ours']:8.2f} ms")
+    print(f"  minimal loop (teacher fwd, student fwd+bwd, KL, AdamW):  {ms['minimal']:8.2f} ms")
+    print(f"  ratio: {ms['ours'] / ms['minimal']:.2f}x")
+    return ms
+
+
+# ---------------------------------------------------------------------------------------------
+# --train: train.py's own loop, end to end, beside the step benchmark on the same shape
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_teacher(folder, model, vocab_size=30522):
+    """A randomly initialised BERT of shape MODELS[model] saved with a WordPiece tokenizer whose words are
+    w0, w1, ... (bert-base-uncased's special ids), so train.py loads it as it loads any teacher."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    special = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = special + [f"w{i}" for i in range(vocab_size - len(special))]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    torch.manual_seed(0)  # the same weights on every node
+    BertForMaskedLM(BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **MODELS[model])).save_pretrained(folder)
+    BertTokenizer(vocab=os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    return vocab[len(special):]
+
+
+def synthetic_text(path, words, n_tokens, seed=0):
+    """Documents of random words (one token each), of synthetic_corpus's long-tailed lengths."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        written = 0
+        while written < n_tokens:
+            n = int(np.clip(rng.lognormal(3.6, 0.8), 5, 1000))
+            f.write(" ".join(words[i] for i in rng.integers(0, len(words), n)) + "\n")
+            written += n + 1
+
+
+def train_inputs(args, n_tokens):
+    """(teacher folder, corpus) for --train: --teacher and --corpus, or a synthetic teacher of --model's
+    shape and random text of n_tokens, built once under /tmp (one process builds, the others wait)."""
+    if args.teacher:
+        return args.teacher, args.corpus
+    import fcntl
+    folder = os.path.join("/tmp", "bench-train")
+    os.makedirs(folder, exist_ok=True)
+    teacher, text = os.path.join(folder, f"teacher-{args.model}"), os.path.join(folder, f"text-{n_tokens}.txt")
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(teacher, "tokenizer.json")):
+            synthetic_teacher(teacher + ".tmp", args.model)
+            os.replace(teacher + ".tmp", teacher)
+        if not os.path.exists(text):
+            words = [line.strip() for line in open(os.path.join(teacher, "vocab.txt"))][104:]
+            synthetic_text(text + ".tmp", words, n_tokens)
+            os.replace(text + ".tmp", text)
+    return teacher, text
+
+
+def bench_train(args, train_flags):
+    """train.py's own loop (train.main: data, synchronisations, optimizer, all-reduce under torchrun) for
+    one warm-up window and --steps timed steps of --log-every 10, its tokens/s read from metrics.jsonl;
+    then, in one process, the step benchmark ("ours", same teacher, data shape and dtype) on one device.
+    Both are printed, per device, with their ratio, so the two cannot silently disagree."""
+    import shutil
+    import train
+    from transformers import AutoConfig
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    window = 10
+    timed = -(-args.steps // window) * window
+    total = window + timed  # the first window (allocator, compilation, caches) is not timed
+    teacher, corpus = train_inputs(args, int(1.2 * total * args.batch_size * args.seq_len * world_size) + 100_000)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))  # one --out shared by the ranks
+    out = os.path.join("/tmp", "bench-train", f"run-{run_id}")
+    argv = ["--teacher", teacher, "--train", corpus, "--out", out, "--cache-dir", args.cache_dir,
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--max-steps", str(total),
+            "--log-every", str(window), "--save-every", str(10 * total), "--eval-every", str(10 * total),
+            "--dtype", args.dtype, "--no-progress"]
+    argv += (["--layers", args.layers] if args.layers else []) + (["--compile"] if args.compile else [])
+    if args.device == "cpu":
+        argv += ["--device", "cpu"]
+    train.main(argv + train_flags)  # flags bench.py does not know go to train.py (e.g. --kd-on all)
+    if rank != 0:
+        return None
+    records = [r for r in (json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")))
+               if "tokens_per_s" in r and r["step"] > window]
+    run = json.load(open(os.path.join(out, "run.json")))
+    shutil.rmtree(out)
+    # every window holds the same number of steps of packed, full sequences: the harmonic mean of the
+    # windows' rates is total tokens over total time
+    loop_tps = len(records) / sum(1 / r["tokens_per_s"] for r in records) / world_size
+
+    kd_on = run["kd_on"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--variant", f"ours-{kd_on}", "--teacher", teacher,
+           "--corpus", corpus, "--cache-dir", args.cache_dir, "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--steps", str(timed), "--warmup", "3", "--dtype", run["dtype"],
+           "--device", args.device] + (["--layers", args.layers] if args.layers else []) + \
+        (["--compile"] if args.compile else [])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                           "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"error: the step benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
+    step = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    print(f"\n{os.path.basename(teacher)} -> {run['layers'] or 'half its layers'}, batch {args.batch_size} x "
+          f"{args.seq_len} per device, {world_size} process(es), {run['dtype']} ({run['dtype_reason']}), "
+          f"--kd-on {kd_on}, {where}")
+    waits = [r["data_wait"] for r in records if "data_wait" in r]
+    rows = [("train.py's loop", f"steps {window + 1}-{total}", loop_tps),
+            ("step benchmark", f"{timed} steps after 3", step["tokens_per_s"])]
+    if device == "cuda":
+        teacher_config = AutoConfig.from_pretrained(teacher)
+        n_student = len(run["layers"].split(",")) if run["layers"] else teacher_config.num_hidden_layers // 2
+    for name, what, tps in rows:
+        line = f"  {name:16s} ({what:20s}): {tps:9.0f} tokens/s per device"
+        if device == "cuda":
+            util, peak, card = mfu(teacher_config, n_student, args.seq_len, kd_on, tps, DTYPES[run["dtype"]])
+            line += f", MFU {100 * util:.1f}% of {card}'s {peak} TFLOPS" if util is not None else \
+                f", MFU unknown ({card} is not in bench.PEAK_TFLOPS)"
+        print(line)
+    print(f"  train.py's loop / step benchmark: {loop_tps / step['tokens_per_s']:.2f}"
+          + (f"; the loop waited for data {100 * sum(waits) / len(waits):.1f}% of its time" if waits else ""))
+    return loop_tps, step["tokens_per_s"]
 
 
 def run_all(args, argv):
@@ -276,9 +539,9 @@ def main(argv=None):
     p.add_argument("--layers", help="student layers (default: an evenly spread half)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--steps", type=int, help="timed steps (default: 5; --overhead 50; --train 20)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16"], help="dtype of 'ours'")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="dtype of 'ours'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--dropout-off", action="store_true", help="dropout 0 (for exact loss comparisons)")
@@ -287,12 +550,25 @@ def main(argv=None):
                    help="with --variant NAME: print the N costliest operations of one profiled step")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--tokenize", action="store_true", help="measure tokenization and the cache instead")
+    p.add_argument("--train", action="store_true",
+                   help="train.py's own loop end to end (also under torchrun) beside the step benchmark; "
+                        "flags bench.py does not know go to train.py")
+    p.add_argument("--overhead", action="store_true",
+                   help="host overhead: train.py's step vs a minimal loop at negligible width, in ms and their ratio")
     p.add_argument("--repeat", type=int, default=10, help="with --tokenize: copies of --corpus to tokenize")
-    args = p.parse_args(argv)
+    args, train_flags = p.parse_known_args(argv)
+    if train_flags and not args.train:
+        p.error(f"unrecognized arguments: {' '.join(train_flags)}")
     if args.model is None:
         args.model = "bert-base" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    if args.steps is None:
+        args.steps = 50 if args.overhead else 20 if args.train else 5
     if args.tokenize:
         return bench_tokenize(args)
+    if args.overhead:
+        return bench_overhead(args)
+    if args.train:
+        return bench_train(args, train_flags)
     return run_variant(args) if args.variant else run_all(args, argv)
 
 

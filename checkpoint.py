@@ -25,7 +25,8 @@ CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 # records the global batch itself, which must match), not what is computed.
 FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
-              "grad_accum", "world_size", "out", "compile"}
+              "grad_accum", "world_size", "out", "compile", "dtype_requested", "dtype_reason",
+              "train_corpus"}  # the last: compared by check_same_corpus once the corpus is loaded
 
 
 class CheckpointError(ValueError):
@@ -90,11 +91,56 @@ def config_differences(saved, current):
 
 
 def check_resumable(saved_config, current_config, path):
-    diffs = config_differences(saved_config, current_config)
+    """Refuse, in one line, to resume a run with flags that change what it computes.
+
+    The dtype is compared as resolved (a run records "bf16", never "auto"): a resume where --dtype
+    auto resolves otherwise (another machine) is refused rather than followed, so precision never
+    changes without the user saying so, and the fix is one flag. The training corpus is compared
+    later, once it is loaded (check_same_corpus)."""
+    saved_dtype, dtype = saved_config.get("dtype"), current_config.get("dtype")
+    if saved_dtype == "auto":  # recorded before the resolved dtype was: the user names it
+        if current_config.get("dtype_requested") == "auto":
+            raise CheckpointError(f"--resume: {path} records --dtype auto, not what it resolved to; "
+                                  "pass --dtype with the precision the run used (bf16, fp16 or fp32)")
+    elif saved_dtype != dtype:
+        raise CheckpointError(f"--resume: {path} was trained in {saved_dtype} and this run would compute in "
+                              f"{dtype} ({current_config.get('dtype_reason')}); pass --dtype {saved_dtype} "
+                              "to continue it, or start a new run in another --out")
+    # A recorded corpus is identified by its tokens (check_same_corpus), so it may have moved: another
+    # path on another node of the cluster, or after a copy. Older checkpoints compare the path.
+    recorded = {"dtype", "train"} if "train_corpus" in saved_config else {"dtype"}
+    diffs = [k for k in config_differences(saved_config, current_config) if k not in recorded]
     if diffs:
         detail = "; ".join(f"{k}: {saved_config.get(k)!r} -> {current_config.get(k)!r}" for k in diffs[:6])
         raise CheckpointError(f"--resume: {path} was made with other settings ({detail}); "
                               "resume with the original flags, or start a new run in another --out")
+
+
+def check_same_corpus(saved_config, current_config, path):
+    """Refuse to resume on a training corpus other than the run's: another number of sequences changes
+    the epoch's length, order and schedule, other tokens change what is learnt. A checkpoint written
+    before the corpus was recorded is not checked."""
+    saved, current = saved_config.get("train_corpus"), current_config["train_corpus"]
+    identity = ("tokens", "sequences", "sha256")  # not the cache's name, which holds the file's path and time
+    if saved is None or all(saved[k] == current[k] for k in identity):
+        return
+    if (saved["tokens"], saved["sequences"]) != (current["tokens"], current["sequences"]):
+        what = (f"{saved['tokens']} tokens in {saved['sequences']} sequences, now {current['tokens']} "
+                f"in {current['sequences']}")
+    else:
+        what = "the same number of tokens, but other ones"
+    raise CheckpointError(f"--resume: the training corpus {current_config.get('train')} changed since {path} was "
+                          f"written ({what}); resume with the original file, or start a new run in another --out")
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping this run's implementation choices (fused, foreach,
+    capturable) instead of the saved run's: a run started on a CPU (unfused) and resumed on a GPU
+    takes the fused kernel. They are set in the saved groups before loading, because loading places
+    each parameter's step counter according to them (on the GPU, as float32, for fused)."""
+    mine = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    groups = [{**saved, **choice} for saved, choice in zip(state["param_groups"], mine)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def check_out_dir(out_dir, resume):

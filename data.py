@@ -282,6 +282,11 @@ class Corpus:
     doc_starts: np.ndarray  # int64, n_docs + 1 offsets into tokens
     path: str
     meta: dict = None       # the cache's record of the reading: counts of documents kept, skipped, dropped
+    cache_key: str | None = None  # the token cache's path without suffix; None: not cached (built in memory)
+
+    @property
+    def cache_name(self):
+        return os.path.basename(self.cache_key) if self.cache_key else None
 
 
 def corpus_note(corpus):
@@ -382,7 +387,7 @@ def load_corpus(path, tokenizer, cache_dir, text_column="text", min_tokens=1, ba
             _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress)
     meta = json.load(open(key + ".json"))
     tokens = np.memmap(key + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return Corpus(tokens, np.load(key + ".docs.npy"), path, meta)
+    return Corpus(tokens, np.load(key + ".docs.npy"), path, meta, key)
 
 
 def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress):
@@ -451,6 +456,88 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     os.replace(key + ".json.tmp", key + ".json")  # written last: its presence means the cache is whole
 
 
+# Summaries of the cached ids, each computed once in one pass of bounded memory and kept beside the
+# token cache: the counts of each id (for --mlm-smoothing) and a digest (what a resume checks).
+
+CHUNK_TOKENS = 1 << 20  # ids read at a time: np.bincount widens them to int64, 8 MiB per chunk
+
+
+def _chunks(tokens):
+    """The ids in chunks of CHUNK_TOKENS. A memory-mapped cache is read through the file, not the map,
+    so a pass over a corpus of billions of tokens leaves no mapped pages in the process's memory."""
+    if isinstance(tokens, np.memmap) and tokens.filename:
+        with open(tokens.filename, "rb") as f:
+            f.seek(tokens.offset)
+            left = len(tokens)
+            while left:
+                chunk = np.fromfile(f, dtype=tokens.dtype, count=min(left, CHUNK_TOKENS))
+                if len(chunk) == 0:
+                    raise DataError(f"{tokens.filename} is shorter than its cache says; delete it to rebuild it")
+                left -= len(chunk)
+                yield chunk
+    else:
+        for i in range(0, len(tokens), CHUNK_TOKENS):
+            yield np.asarray(tokens[i:i + CHUNK_TOKENS])
+
+
+def _once_beside_cache(corpus, suffix, compute, load, save):
+    """compute(corpus), or what an earlier call saved at the cache key + suffix. The cache's lock makes
+    one process compute it while the others (torchrun ranks) wait and then read it; the file is
+    written under a temporary name and renamed, so a killed process leaves no partial file."""
+    if corpus.cache_key is None:
+        return compute(corpus)
+    path = corpus.cache_key + suffix
+    with open(corpus.cache_key + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            tmp = path + ".tmp"
+            save(tmp, compute(corpus))
+            os.replace(tmp, path)
+    return load(path)
+
+
+def _count(corpus):
+    counts = np.zeros(0, dtype=np.int64)
+    for chunk in _chunks(corpus.tokens):
+        c = np.bincount(chunk)
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[:len(c)] += c
+    return counts
+
+
+def token_counts(corpus, minlength=0):
+    """How often each id occurs in the corpus: int64 array of at least `minlength` entries.
+
+    Counted once per token cache, chunk by chunk (about 10 MiB of memory whatever the corpus size),
+    and kept as the cache key + ".counts.npy"; later calls and other ranks read that file."""
+    def save(path, counts):
+        with open(path, "wb") as f:
+            np.save(f, counts)
+
+    counts = _once_beside_cache(corpus, ".counts.npy", _count, np.load, save)
+    return np.pad(counts, (0, max(0, minlength - len(counts))))
+
+
+def _digest(corpus):
+    h = hashlib.sha256(np.dtype(corpus.tokens.dtype).str.encode())
+    for chunk in _chunks(corpus.tokens):
+        h.update(chunk.tobytes())
+    return h.hexdigest()
+
+
+def corpus_digest(corpus):
+    """SHA-256 of the corpus's ids (hex): equal iff the tokens a run trains on are. Unlike the cache's
+    key, it does not depend on the file's path or modification time, which differ between the nodes
+    of a cluster and after a copy. Hashed once per token cache (about 1.5 s per GB of ids), kept as the
+    cache key + ".sha256"."""
+    def save(path, digest):
+        with open(path, "w") as f:
+            f.write(digest)
+
+    return _once_beside_cache(corpus, ".sha256", _digest, lambda path: open(path).read().strip(), save)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Sequences
 # ---------------------------------------------------------------------------------------------
@@ -510,14 +597,17 @@ class MaskSpec:
 
 
 def mask_spec(tokenizer, corpus=None, smoothing=0.0, prob=0.15):
+    """What mask_tokens needs: the [MASK] id, the ids never masked, the random replacements and, with
+    smoothing > 0, each id's weight count^-smoothing from the corpus's token counts (token_counts:
+    counted once per cache, in chunks, so that no rank ever holds the corpus as int64)."""
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     random_ids = np.setdiff1d(np.arange(len(tokenizer)), special)
     weights = None
     if smoothing > 0:
         # XLM / DistilBERT: a token's chance to be masked ~ count^-smoothing, so frequent
         # tokens (the, of, punctuation) are masked less and rare ones more.
-        counts = np.bincount(np.asarray(corpus.tokens), minlength=len(tokenizer)).astype(np.float64)
-        weights = np.maximum(counts, 1.0) ** -smoothing
+        counts = token_counts(corpus, len(tokenizer))
+        weights = np.maximum(counts, 1).astype(np.float64) ** -smoothing
     return MaskSpec(tokenizer.mask_token_id, special, random_ids, weights, prob)
 
 

@@ -21,6 +21,7 @@ import transformers
 
 from data import DataError, default_cache_dir, load_corpus, make_batch, make_sequences, mask_spec
 from distil import forward_at_rows
+from precision import DTYPES, autocast_for
 from student import StudentError, load_teacher, load_tokenizer, usable_positions
 
 VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
@@ -114,8 +115,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    autocast = autocast_for(device, DTYPES[args.dtype])
     teacher = load_teacher(args.teacher).to(device)
     student = load_teacher(args.student).to(device)
     tokenizer = load_tokenizer(teacher, args.teacher)

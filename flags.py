@@ -73,7 +73,8 @@ def parse_args(argv=None):
     a("--relation-heads", type=int, default=0, help="relation heads (default: the student's attention heads)")
     # machinery
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
+      help="autocast dtype; auto = bf16 on a GPU that has it (else fp16) and on a CPU with AMX (else fp32); "
+           "the run's first line says which, and a resume keeps it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the student's encoder layers")
     a("--num-workers", type=int, help="DataLoader processes building batches ahead of the step "

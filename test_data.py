@@ -144,6 +144,50 @@ def test_mlm_smoothing_masks_rare_tokens_more(tokenizer, tmp_path):
     assert abs(masking_rate(seqs, tokenizer, smoothed, None) - 0.15) < 0.01  # the overall rate stays 15%
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_token_counts_in_chunks_equal_one_bincount_and_are_counted_once(dtype, tmp_path, monkeypatch):
+    """Counts of a memory-mapped cache (uint16 or uint32, ids above 65535 in the latter) read in chunks
+    of 64 ids, the last one short, equal np.bincount of the whole array; the counts file is written
+    once and read by the next call, which does not count again."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000 if dtype == np.uint16 else 70000, size=1000).astype(dtype)
+    key = str(tmp_path / "corpus.txt.0123")
+    ids.tofile(key + ".tokens")
+    corpus = data.Corpus(np.memmap(key + ".tokens", dtype=dtype, mode="r", shape=(len(ids),)),
+                         np.array([0, len(ids)]), "corpus.txt", cache_key=key)
+    monkeypatch.setattr(data, "CHUNK_TOKENS", 64)
+    expected = np.bincount(ids.astype(np.int64), minlength=80000)
+    assert np.array_equal(data.token_counts(corpus, minlength=80000), expected)
+    stat = os.stat(key + ".counts.npy")
+    assert not os.path.exists(key + ".counts.npy.tmp")
+
+    def no_counting(corpus):
+        raise AssertionError("the corpus was counted again")
+    monkeypatch.setattr(data, "_count", no_counting)
+    assert np.array_equal(data.token_counts(corpus, minlength=80000), expected)
+    assert (os.stat(key + ".counts.npy").st_mtime_ns, os.stat(key + ".counts.npy").st_ino) == \
+        (stat.st_mtime_ns, stat.st_ino)
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "CHUNK_TOKENS", 64)
+    in_memory = data.Corpus(ids, corpus.doc_starts, "corpus.txt")  # not from a cache: counted, nothing kept
+    assert np.array_equal(data.token_counts(in_memory, minlength=80000), expected)
+
+
+def test_corpus_digest_follows_the_tokens_not_the_file(tokenizer, tmp_path):
+    """The same text at another path (another cache key) has the same digest; one word changed, another."""
+    a = write_corpus(str(tmp_path / "a.txt"), 30)
+    b = str(tmp_path / "b.txt")
+    with open(b, "w") as f:
+        f.write(open(a).read())
+    cache = str(tmp_path / "cache")
+    corpus_a, corpus_b = (load_corpus(p, tokenizer, cache, progress=False) for p in (a, b))
+    assert corpus_a.cache_key != corpus_b.cache_key
+    assert data.corpus_digest(corpus_a) == data.corpus_digest(corpus_b) == open(corpus_a.cache_key + ".sha256").read()
+    with open(b, "w") as f:
+        f.write(open(a).read().replace("cat", "dog", 1))
+    assert data.corpus_digest(load_corpus(b, tokenizer, cache, progress=False)) != data.corpus_digest(corpus_a)
+
+
 # ---- the cache -------------------------------------------------------------------------------
 
 def cache_state(cache_dir):

@@ -11,6 +11,7 @@ exactly as the command line does (`runpy`), so train.py carries no test-only fla
 The helpers at the top are shared with test_ddp.py and test_faults.py.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -258,3 +259,132 @@ def test_sigterm_saves_and_exits_cleanly(setup, tmp_path):
     assert checkpoints(out) == [f"step-{stopped_at:08d}.pt"]
     assert load_checkpoint(out, checkpoints(out)[0])["step"] == stopped_at == train_records(out)[-1]["step"]
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # a stopped run is not a finished one
+
+
+# ------------------------------------------------------------------------------------------------
+# What a resume must not change silently (issue 12 item 11): the dtype, the corpus, the optimizer's
+# kernel. A short run of its own (its corpus file is edited), 3 steps with checkpoints at steps 2 and 3:
+# a resume of the finished run runs every check and then has nothing left to do.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_run(setup, tmp_path_factory):
+    base, _ = setup
+    folder = tmp_path_factory.mktemp("short")
+    train = write_corpus(str(folder / "own.txt"), 40, seed=5)
+    short = {**base, "train": train, "valid": None, "max_steps": 3, "save_every": 2}
+    out = str(folder / "out")
+    proc = ok(run(flags(short, out=out)))
+    return short, out, proc
+
+
+def one_line_error(proc):
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    return lines[0]
+
+
+def edited_copy(out, tmp_path, edit, step=3):
+    """A copy of the run in `out` whose checkpoint of `step` went through edit(state); later ones removed."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    for name in checkpoints(copy):
+        if name > f"step-{step:08d}.pt":
+            os.remove(os.path.join(copy, "checkpoints", name))
+    path = os.path.join(copy, "checkpoints", f"step-{step:08d}.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    return copy
+
+
+def test_run_records_its_resolved_dtype_and_corpus(short_run):
+    short, out, proc = short_run
+    assert proc.stdout.splitlines()[0] == "dtype: fp32 (--dtype fp32)"
+    recorded = json.load(open(os.path.join(out, "run.json")))
+    assert recorded["dtype"] == "fp32" and recorded["dtype_requested"] == "fp32"
+    corpus = recorded["train_corpus"]
+    assert corpus["tokens"] > 0 and corpus["sequences"] == -(-corpus["tokens"] // (short["seq_len"] - 2))
+    assert len(corpus["sha256"]) == 64
+    assert load_checkpoint(out, "step-00000002.pt")["config"] == recorded
+
+
+def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
+    """Recorded bf16 (say, --dtype auto on a CPU with AMX), resumed where the run would compute in fp32:
+    refused, naming both and the flag that continues it; the same with --dtype auto wherever auto
+    resolves to something other than the recorded dtype."""
+    from precision import pick_dtype
+    short, out, _ = short_run
+    copy = edited_copy(out, tmp_path, lambda state: state["config"].update(dtype="bf16"))
+    line = one_line_error(run(flags(short, out=copy, resume=True)))
+    assert "trained in bf16" in line and "compute in fp32" in line and "--dtype bf16" in line
+
+    auto_here, _ = pick_dtype("auto", torch.device("cpu"))
+    other = "fp16" if auto_here != "fp16" else "bf16"
+    copy = edited_copy(out, tmp_path / "auto", lambda state: state["config"].update(dtype=other))
+    line = one_line_error(run(flags(short, out=copy, resume=True, dtype="auto")))
+    assert f"trained in {other}" in line and f"compute in {auto_here} (--dtype auto" in line
+    assert f"--dtype {other} to continue" in line
+
+    # a checkpoint from before the resolved dtype was recorded says "auto": the user names the dtype
+    copy = edited_copy(out, tmp_path / "legacy", lambda state: state["config"].update(dtype="auto"))
+    line = one_line_error(run(flags(short, out=copy, resume=True, dtype="auto")))
+    assert "records --dtype auto" in line and "pass --dtype with the precision the run used" in line
+    ok(run(flags(short, out=copy, resume=True, dtype="fp32")))
+
+
+def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
+    short, out, _ = short_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    train = str(tmp_path / "own.txt")
+    shutil.copy(short["train"], train)
+    moved = {**short, "train": train}
+    ok(run(flags(moved, out=copy, resume=True)))  # the same file at another path, with another time: resumes
+
+    text = open(train).read()
+    with open(train, "w") as f:  # one more document: another number of sequences
+        f.write(text + "the cat sat on the mat with the old man.\n")
+    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    assert "training corpus" in line and "changed" in line and "sequences" in line
+
+    with open(train, "w") as f:  # the same length, one word swapped for another of the same length
+        f.write(text.replace("cat", "dog", 1))
+    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    assert "training corpus" in line and "the same number of tokens, but other ones" in line
+
+
+def test_resumed_optimizer_takes_this_runs_fused_setting(short_run, tmp_path):
+    """A checkpoint whose optimizer was unfused (a run from before AdamW was fused on CPUs too; on a
+    GPU, a run started on a CPU that had none) resumed where this run builds it fused: the resumed
+    optimizer is fused, as the checkpoint it writes next records."""
+    short, out, _ = short_run
+    assert [g["fused"] for g in load_checkpoint(out, "step-00000002.pt")["optimizer"]["param_groups"]] == [True, True]
+
+    def unfused(state):
+        for group in state["optimizer"]["param_groups"]:
+            group["fused"] = False
+    copy = edited_copy(out, tmp_path, unfused, step=2)
+    ok(run(flags(short, out=copy, resume=True)))
+    groups = load_checkpoint(copy, "step-00000003.pt")["optimizer"]["param_groups"]
+    assert [g["fused"] for g in groups] == [True, True]
+
+
+def test_load_optimizer_state_moves_a_cpu_state_to_a_fused_optimizer():
+    """The other direction, CPU -> GPU, on a CPU (which has a fused AdamW too): the state of an unfused
+    optimizer loaded into a fused one keeps it fused and continues exactly as the unfused one would."""
+    from checkpoint import load_optimizer_state
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    unfused = torch.optim.AdamW([p], lr=0.1, fused=False)
+    p.grad = torch.randn(8, 4)
+    unfused.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = torch.optim.AdamW([q], lr=0.1, fused=True)
+    load_optimizer_state(fused, copy.deepcopy(unfused.state_dict()))  # a deep copy: as from a file
+    assert fused.param_groups[0]["fused"] is True
+    p.grad = torch.randn(8, 4)
+    q.grad = p.grad.clone()
+    unfused.step()
+    fused.step()
+    torch.testing.assert_close(q, p)

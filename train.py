@@ -22,14 +22,17 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
-                        save_checkpoint, stop_signals, truncate_metrics)
-from data import DataError, MicroBatches, corpus_note, load_corpus, make_sequences, mask_spec, micro_batch_loader
+from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
+                        load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
+                        truncate_metrics)
+from data import (DataError, MicroBatches, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec,
+                  micro_batch_loader)
 from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
 from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
+from precision import DTYPES, autocast_for, pick_dtype
 from student import (StudentError, build_student, check_layers, compile_layers, load_teacher, load_tokenizer,
                      save_student, usable_positions)
 
@@ -42,20 +45,12 @@ def get_lr(step, total_steps, args):
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:  # AMX / AVX512-BF16 CPUs multiply bf16 several times faster than fp32; others gain nothing
-            flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-            name = "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def run_config(args, world_size):
-    """The run's settings as recorded in checkpoints; the global batch stands for its split."""
+def run_config(args, world_size, dtype, dtype_reason):
+    """The run's settings as recorded in checkpoints and run.json: the flags, with the dtype resolved
+    (never "auto": a resume compares what was computed) and the global batch standing for its split."""
     config = {k: v for k, v in vars(args).items()}
-    config["global_batch"] = args.batch_size * args.grad_accum * world_size
+    config.update(dtype=dtype, dtype_requested=args.dtype, dtype_reason=dtype_reason,
+                  global_batch=args.batch_size * args.grad_accum * world_size)
     return config
 
 
@@ -144,19 +139,26 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
     ddp, master, use_cuda = world_size > 1, rank == 0, device.type == "cuda"
-    dtype = pick_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    dtype_name, dtype_reason = pick_dtype(args.dtype, device)
+    dtype = DTYPES[dtype_name]
+    autocast = autocast_for(device, dtype)
 
     # ---- inputs, all checked before anything is written or the process group starts ----
     check_out_dir(args.out, args.resume)
     check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
-    config = run_config(args, world_size)
+    config = run_config(args, world_size, dtype_name, dtype_reason)
     ckpt_path = ckpt = None
     if args.resume:
         ckpt_path, ckpt = load_latest(args.out)
         check_resumable(ckpt["config"], config, ckpt_path)
     teacher, tokenizer, layers, cfg, student, corpus, seqs, valid_seqs, spec, steps_per_epoch = \
         load_inputs(args, config, master)
+    config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": len(seqs.starts),
+                              "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
+        check_same_corpus(ckpt["config"], config, ckpt_path)
+    if master:  # the run's first line, once every input has passed its checks (an error stays one line)
+        print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     student.to(device)
@@ -185,7 +187,7 @@ def main(argv=None):
     step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * (len(names) + 1), 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # with this run's fused/foreach, not the saved run's
         scaler.load_state_dict(ckpt["scaler"])
         step, teacher_ppl, skipped = ckpt["step"], ckpt["teacher_ppl"], ckpt["skipped_steps"]
         window, n_logged = ckpt["log_window"]  # losses since the last log line, so the next one is whole

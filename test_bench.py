@@ -1,0 +1,62 @@
+"""bench.py's --overhead and --train run (on the CPU, at tiny sizes) and print what they promise; the
+peak table tells the H100 variants apart. Timings are printed, never asserted."""
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+import bench
+from test_resume import ENV, ROOT
+
+BENCH = os.path.join(ROOT, "bench.py")
+
+
+def run_bench(*argv, nproc=1):
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(launch + [BENCH, *argv], capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_overhead_prints_both_steps_and_their_ratio():
+    out = run_bench("--overhead", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--seq-len", "32",
+                    "--device", "cpu")
+    ours = float(re.search(r"train.py's step .*?([\d.]+) ms", out).group(1))
+    minimal = float(re.search(r"minimal loop .*?([\d.]+) ms", out).group(1))
+    assert f"ratio: {ours / minimal:.2f}x" in out
+    assert "12-layer hidden-16 teacher -> 6 layers" in out
+
+
+def check_train_report(out, nproc):
+    loop = float(re.search(r"train.py's loop .*?: +([\d.]+) tokens/s per device", out).group(1))
+    step = float(re.search(r"step benchmark .*?: +([\d.]+) tokens/s per device", out).group(1))
+    assert f"{nproc} process(es)" in out and "steps 11-20" in out
+    assert f"train.py's loop / step benchmark: {loop / step:.2f}" in out
+
+
+def test_train_times_train_py_beside_the_step_benchmark(tiny_teacher, tiny_corpus, tmp_path):
+    out = run_bench("--train", "--teacher", tiny_teacher, "--corpus", tiny_corpus[0], "--steps", "10",
+                    "--batch-size", "4", "--seq-len", "16", "--dtype", "fp32", "--device", "cpu",
+                    "--cache-dir", str(tmp_path / "cache"), "--layers", "0,2", "--kd-on", "all")  # a train.py flag
+    check_train_report(out, 1)
+    assert "--kd-on all" in out
+
+
+def test_train_under_torchrun(tiny_teacher, tiny_corpus, tmp_path):
+    out = run_bench("--train", "--teacher", tiny_teacher, "--corpus", tiny_corpus[0], "--steps", "10",
+                    "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32", "--device", "cpu",
+                    "--cache-dir", str(tmp_path / "cache"), "--layers", "0,2", nproc=2)
+    check_train_report(out, 2)
+
+
+def test_peak_table_tells_h100_variants_apart():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989  # SXM
+    assert bench.peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756
+    assert bench.peak_tflops("NVIDIA H100 NVL", torch.float16) == 835
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5
+    assert bench.peak_tflops("NVIDIA L40S", torch.bfloat16) == 362 and bench.peak_tflops("NVIDIA L4", torch.bfloat16) == 121
+    assert bench.peak_tflops("Some Future GPU", torch.bfloat16) is None
