@@ -26,7 +26,7 @@ from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpo
                         save_checkpoint, stop_signals, truncate_metrics)
 from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, check_capture, count_rows, distil_step, parse_layer_map, unwrap
-from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
+from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
