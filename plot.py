@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 
-LOSS_TERMS = ("loss", "kd", "mlm", "cos", "mse")
+# What a training record holds besides its loss terms (train.py logs "loss" and one key per loss
+# that is on: kd, mlm, cos, mse, hidden, attn, relation; evaluations log the perplexities).
+NOT_LOSSES = {"step", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "scale", "valid_ppl", "teacher_ppl"}
 
 
 def read_metrics(out_dir):
@@ -27,7 +29,19 @@ def series(records, name):
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot(out_dirs, png_path):
+def loss_terms(records):
+    """The loss terms the run logged, "loss" (their weighted sum) first, then in the order logged:
+    every numeric key of the training records that is not a rate, a count or a perplexity."""
+    names = []
+    for record in records:
+        if "loss" in record:
+            names += [k for k, v in record.items() if k not in NOT_LOSSES and k not in names
+                      and isinstance(v, (int, float))]
+    return sorted(names, key=lambda name: name != "loss")  # stable: the others keep their order
+
+
+def figure(out_dirs):
+    """The matplotlib figure of one or more runs: loss terms (left), perplexities (right)."""
     try:
         import matplotlib
     except ImportError:
@@ -40,7 +54,7 @@ def plot(out_dirs, png_path):
     for out_dir in out_dirs:
         records = read_metrics(out_dir)
         prefix = f"{os.path.basename(os.path.normpath(out_dir))}: " if len(out_dirs) > 1 else ""
-        for name in LOSS_TERMS:
+        for name in loss_terms(records):
             steps, values = series(records, name)
             if steps:
                 ax_loss.plot(steps, values, label=prefix + name, lw=2 if name == "loss" else 1)
@@ -60,6 +74,14 @@ def plot(out_dirs, png_path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(out_dirs, png_path):
+    """Draw the runs in `out_dirs` into `png_path` (1200 x 450 pixels); returns the path."""
+    fig = figure(out_dirs)  # imports matplotlib, or says how to install it
+    import matplotlib.pyplot as plt
+
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
