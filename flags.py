@@ -43,7 +43,8 @@ def read_config(path):
         where = f" at line {line}, column {column}" if line else ""
         raise SystemExit(f"error: --config {path}: not valid {kind}{where} ({problem})") from None
     if not isinstance(config, dict):
-        raise SystemExit(f"error: --config {path}: a {kind} mapping of flag names to values is expected")
+        raise SystemExit(f"error: --config {path}: a {'YAML mapping' if is_yaml else 'JSON object'} of flag names "
+                         "and values is expected")
     return config
 
 

@@ -429,7 +429,7 @@ def test_yaml_config_sets_flags_as_its_json_twin_does(tmp_path, monkeypatch):
         train.parse_args(["--config", str(tmp_path / "bad.yml"), *rest])
     assert single_line(e.value).startswith(f"error: --config {tmp_path / 'bad.yml'}: not valid YAML at line 3, column")
     (tmp_path / "list.yaml").write_text("- teacher\n- bert\n")
-    with pytest.raises(SystemExit, match="a YAML mapping of flag names to values is expected"):
+    with pytest.raises(SystemExit, match="a YAML mapping of flag names and values is expected"):
         train.parse_args(["--config", str(tmp_path / "list.yaml"), *rest])
     monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML missing: one line that says how to get it
     with pytest.raises(SystemExit) as e:
