@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import distil
 from data import Corpus, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import DistilConfig, distil_step
+from heldout import to_device
 from student import load_teacher, make_student
 
 MODELS = {  # teacher shapes; random weights are as fast as trained ones
@@ -173,7 +174,7 @@ def run_variant(args):
             b = {k: np.pad(v, ((0, 0), (0, pad)), constant_values=(tokenizer.pad_token_id if k == "input_ids"
                                                                       else -100 if k == "labels" else 0))
                  for k, v in b.items()}
-        batches.append({k: torch.as_tensor(v).to(device) for k, v in b.items()})
+        batches.append(to_device(b, device))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     # The loss check: the first packed batch, before any update (same weights in every variant).

@@ -29,7 +29,10 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm import tqdm
+
+from distil import batch_rows
 
 CACHE_VERSION = 1
 
@@ -435,7 +438,53 @@ def epoch_batches(seqs, batch_size, seed, epoch, rank=0, world_size=1, group_by_
 
 
 def make_batch(seqs, indices, tokenizer, spec, seed, epoch):
-    """The tensors-to-be of one batch: input_ids, attention_mask and labels, as numpy arrays."""
+    """The tensors-to-be of one batch, as numpy arrays: input_ids, attention_mask and labels (B, L),
+    and where each loss reads them (distil.batch_rows: flat int64 indices of the real and the
+    masked positions, the labels there, and whether anything is padded), so that the training
+    step never has to find them on the device."""
     input_ids, attention_mask = collate(seqs, indices, tokenizer)
     input_ids, labels = mask_tokens(input_ids, attention_mask, indices, seed, epoch, spec)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            **batch_rows(attention_mask, labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Batches off the critical path: DataLoader workers
+# ---------------------------------------------------------------------------------------------
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch number m of one rank's run, counted across epochs: a pure function of m.
+
+    Item m is batch m % n_batches of epoch m // n_batches (epoch_batches), collated and masked
+    (make_batch). A DataLoader then builds the batches in worker processes, ahead of the loop,
+    and the order and content do not depend on the number of workers.
+    """
+
+    def __init__(self, seqs, tokenizer, spec, batch_size, seed, n_batches, rank=0, world_size=1,
+                 group_by_length=False):
+        self.seqs, self.tokenizer, self.spec, self.seed = seqs, tokenizer, spec, seed
+        self.batch_size, self.n_batches, self.rank, self.world_size = batch_size, n_batches, rank, world_size
+        self.group_by_length = group_by_length
+        self._epoch = self._batches = None  # the last epoch's order, cached per process
+
+    def __getitem__(self, m):
+        epoch, i = divmod(m, self.n_batches)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_size, self.seed, epoch, self.rank,
+                                                              self.world_size, self.group_by_length)
+        return make_batch(self.seqs, self._batches[i], self.tokenizer, self.spec, self.seed, epoch)
+
+
+def micro_batch_loader(dataset, start, stop, num_workers=0, pin_memory=False):
+    """Micro-batches start, start + 1, ..., stop - 1 of `dataset`, in order, as CPU tensors.
+
+    num_workers > 0 builds them in that many processes, up to 4 batches each ahead of the loop;
+    pin_memory (on a GPU) puts them in page-locked memory, so that .to(device, non_blocking=True)
+    copies them while the GPU computes.
+    """
+    # fork, where there is one: a worker then shares the memory-mapped corpus with its parent, where a
+    # spawned one (Python 3.14's default on Linux is forkserver) would be sent a pickled copy of it.
+    context = "fork" if num_workers and sys.platform != "win32" else None
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+                                       multiprocessing_context=context)

@@ -16,10 +16,18 @@ over the rows that each loss reads:
 backpropagate the total. Only what the active losses read is computed: the teacher does not run
 at all when no loss reads it, each model's vocabulary projection runs only at the rows a loss
 reads, and attention internals are captured only for the layers an attention loss reads.
+
+Nothing in the step reads a value back from the GPU, so the host queues the next kernels while the
+GPU runs: which rows each loss reads is decided on the host, before the forward, from the numpy
+attention mask and labels (`batch_rows`), and travels with the batch as index tensors; the losses
+gather with `index_select`, and divide by row counts the host already knows. A batch without
+padding runs with attention_mask=None, so the model builds no mask (and transformers need not
+check the mask for padding, which reads it back) and SDPA takes its fastest kernel.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss,
@@ -79,16 +87,41 @@ def parse_layer_map(text, kept_layers, n_teacher_layers):
     return pairs
 
 
-def loss_rows(attention_mask, labels, cfg):
-    """Boolean masks of the positions each loss reads: {"kd", "mlm", "cos"} -> (B, L) bool."""
-    real = attention_mask != 0  # works on torch tensors and numpy arrays alike
-    masked = labels != -100
-    return {"kd": real if cfg.kd_on == "all" else masked, "mlm": masked, "cos": real}
+def batch_rows(attention_mask, labels):
+    """Where the losses read, decided on the host: numpy (B, L) attention_mask and labels in,
+    numpy int64 flat indices into the B * L positions out.
+
+        real_rows:      every non-padding position (COS, HIDDEN, ATTN, RELATION; KD with kd_on="all")
+        masked_rows:    the positions with a label (MLM; KD with kd_on="masked")
+        masked_labels:  the labels there
+        masked_in_real: where each masked row sits among the real rows (MLM when the logits are
+                        computed at the real rows)
+        padded:         a Python bool, False when every position is real
+    Computed once per batch in the data loader's workers, never on the device.
+    """
+    attention_mask, labels = np.asarray(attention_mask).reshape(-1), np.asarray(labels).reshape(-1)
+    real, masked = np.flatnonzero(attention_mask), np.flatnonzero(labels != -100)
+    return {"real_rows": real, "masked_rows": masked, "masked_labels": labels[masked].astype(np.int64),
+            "masked_in_real": np.searchsorted(real, masked), "padded": len(real) < len(attention_mask)}
+
+
+def with_rows(batch):
+    """`batch` with batch_rows' entries added if it lacks them. For callers whose batch did not come
+    from data.make_batch: on tensors already on a GPU this reads the mask and labels back once."""
+    if "real_rows" in batch:
+        return batch
+    cpu = lambda x: x.detach().cpu().numpy() if torch.is_tensor(x) else x
+    device = batch["input_ids"].device if torch.is_tensor(batch["input_ids"]) else None
+    rows = {k: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
+            for k, v in batch_rows(cpu(batch["attention_mask"]), cpu(batch["labels"])).items()}
+    return {**batch, **rows}
 
 
 def count_rows(batch, cfg):
-    """How many rows each loss reads in `batch`: summed over ranks and micro-steps, the denominators."""
-    return {name: int(rows.sum()) for name, rows in loss_rows(batch["attention_mask"], batch["labels"], cfg).items()}
+    """How many rows each loss reads in `batch` (host ints, from the index lengths): summed over ranks
+    and micro-steps, the denominators."""
+    n_real, n_masked = len(batch["real_rows"]), len(batch["masked_rows"])
+    return {"kd": n_real if cfg.kd_on == "all" else n_masked, "mlm": n_masked, "cos": n_real}
 
 
 def unwrap(model):
@@ -98,16 +131,18 @@ def unwrap(model):
 
 
 def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states):
-    """Run a masked LM, projecting onto the vocabulary only at `rows` (a (B, L) bool mask).
+    """Run a masked LM, projecting onto the vocabulary only at `rows` (int64 flat indices into the
+    B * L positions, or None for all of them).
 
     The vocabulary projection (hidden -> 30k-250k logits) costs as much as several encoder layers
     and its output dwarfs every other activation, so the encoder's output is cut down to `rows`
     before the model's own MLM head sees it (a forward hook on the base model). This works for
     every masked-LM class whose forward is `head(base_model(...)[0])`, which is all of them.
-    Returns the logits, shape (rows.sum(), V), and the hidden states (or None).
+    Returns the logits, shape (len(rows), V), and the hidden states (or None).
     """
     def keep_rows(module, args, output):
-        output.last_hidden_state = output.last_hidden_state[rows]
+        flat = output.last_hidden_state.flatten(0, 1)
+        output.last_hidden_state = flat if rows is None else flat.index_select(0, rows)
         return output
 
     handle = unwrap(model).base_model.register_forward_hook(keep_rows)
@@ -175,15 +210,22 @@ def captured(model, layer_index):
 def distil_step(student, teacher, batch, cfg, denominators=None):
     """Losses of one (micro-)batch. Returns (weighted total, {term name: detached value}).
 
-    `batch` holds input_ids, attention_mask and labels (-100 where no token is predicted), on the
-    models' device. `denominators` maps "kd", "mlm", "cos" to the row counts to divide by (see
-    losses.py); None divides by this batch's own counts.
+    `batch` holds input_ids, attention_mask and labels (-100 where no token is predicted), (B, L)
+    int64 tensors on the models' device, and the index tensors of `batch_rows` (data.make_batch
+    adds them on the host; without them `with_rows` finds them here, reading the batch back once).
+    `denominators` maps "kd", "mlm", "cos" to the row counts to divide by (see losses.py: Python
+    numbers or 0-d device tensors); None divides by this batch's own counts. A batch without a
+    masked position adds 0 to the masked-position terms.
     """
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    rows = loss_rows(attention_mask, labels, cfg)
-    denominators = denominators or {name: r.sum() for name, r in rows.items()}
+    batch = with_rows(batch)
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    # no padding (packed sequences): no mask at all, so the model builds none and SDPA runs its fastest kernel
+    attention_mask = batch["attention_mask"] if batch["padded"] else None
+    real_rows = batch["real_rows"] if batch["padded"] else None  # None: every position
+    denominators = denominators or count_rows(batch, cfg)
     # The student's logits are needed where KD/MSE read them, else only at the masked positions.
-    student_rows = rows["kd"] if cfg.needs_teacher_logits() else rows["mlm"]
+    logits_at_real = cfg.needs_teacher_logits() and cfg.kd_on == "all"
+    student_rows = real_rows if logits_at_real else batch["masked_rows"]
     attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
     if cfg.needs_attention():
         wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
@@ -195,13 +237,17 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
         # no_grad rather than inference_mode: inference tensors may not be saved for the
         # backward of the losses that read them (KL saves its target).
         with torch.no_grad():
-            teacher_rows = student_rows if cfg.needs_teacher_logits() else torch.zeros_like(student_rows)
+            teacher_rows = student_rows if cfg.needs_teacher_logits() else batch["masked_rows"][:0]
             teacher_logits, teacher_hidden = forward_at_rows(teacher, input_ids, attention_mask,
                                                              teacher_rows, cfg.needs_hidden_states())
     student_logits, student_hidden = forward_at_rows(student, input_ids, attention_mask, student_rows,
                                                      cfg.needs_hidden_states())
 
-    real, n_real = rows["cos"], denominators["cos"]
+    def at_real(hidden):  # (B, L, D) -> (real rows, D)
+        flat = hidden.flatten(0, 1)
+        return flat if real_rows is None else flat.index_select(0, real_rows)
+
+    n_real = denominators["cos"]
     # A student narrower than its teacher compares hidden states through a learned projection.
     projection = getattr(unwrap(student), "distil_projection", None)
     project = projection if projection is not None else (lambda hidden: hidden)
@@ -209,41 +255,80 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     if cfg.alpha_kd > 0:
         terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"])
     if cfg.alpha_mlm > 0:
-        terms["mlm"] = mlm_loss(student_logits, labels[student_rows], denominators["mlm"])
+        masked_logits = student_logits
+        if logits_at_real and real_rows is not None:  # the masked rows among the real ones
+            masked_logits = student_logits.index_select(0, batch["masked_in_real"])
+        elif logits_at_real:  # every position: the masked ones are at their own flat index
+            masked_logits = student_logits.index_select(0, batch["masked_rows"])
+        terms["mlm"] = mlm_loss(masked_logits, batch["masked_labels"], denominators["mlm"])
     if cfg.alpha_cos > 0:
-        terms["cos"] = cosine_loss(project(student_hidden[-1][real]), teacher_hidden[-1][real], n_real)
+        terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real)
     if cfg.alpha_mse > 0:
         terms["mse"] = mse_loss(student_logits, teacher_logits, denominators["kd"])
     if cfg.alpha_hidden > 0:
         pair_loss = hidden_mse_loss if cfg.hidden_loss == "mse" else cosine_loss
-        terms["hidden"] = sum(pair_loss(project(student_hidden[s][real]), teacher_hidden[t][real], n_real)
+        terms["hidden"] = sum(pair_loss(project(at_real(student_hidden[s])), at_real(teacher_hidden[t]), n_real)
                               for t, s in cfg.layer_map) / len(cfg.layer_map)
     if cfg.alpha_attn > 0:
-        terms["attn"] = sum(attention_loss(captured(student, s), captured(teacher, t), attention_mask, real, n_real, cfg)
-                            for t, s in attn_pairs) / len(attn_pairs)
+        terms["attn"] = sum(attention_loss(captured(student, s), captured(teacher, t), attention_mask, real_rows,
+                                           n_real, cfg) for t, s in attn_pairs) / len(attn_pairs)
     if cfg.alpha_relation > 0:
         t, s = attn_pairs[-1]
         student_qkv, teacher_qkv = captured(student, s), captured(teacher, t)
         n_heads = cfg.relation_heads or student_qkv["query"].shape[1]
         merge = lambda x: x.transpose(1, 2).flatten(2)  # (B, heads, L, d) -> (B, L, heads * d)
+        everywhere = torch.arange(input_ids.numel(), device=input_ids.device) if real_rows is None else real_rows
         terms["relation"] = sum(relation_loss(merge(student_qkv[k]), merge(teacher_qkv[k]), attention_mask, n_heads,
-                                              n_real * n_heads) for k in ("query", "key", "value"))
+                                              n_real * n_heads, everywhere) for k in ("query", "key", "value"))
     weights = {"kd": cfg.alpha_kd, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos, "mse": cfg.alpha_mse,
                "hidden": cfg.alpha_hidden, "attn": cfg.alpha_attn, "relation": cfg.alpha_relation}
     total = sum(weights[name] * value for name, value in terms.items())
     return total, {name: value.detach() for name, value in terms.items()}
 
 
-def attention_loss(student_att, teacher_att, attention_mask, real, n_real, cfg):
-    """ATTN for one pair of layers: rows are (real query position, head) pairs."""
+def freeze_unreached(student, teacher, cfg, length=8):
+    """Stop training the student's parameters that no active loss reaches; returns their names.
+
+    With only hidden states compared (alpha_hidden), the MLM head runs but nothing reads its logits;
+    with a --layer-map that stops before the last layer, the layers after it feed nothing. Such
+    parameters get no gradient, which DistributedDataParallel takes for an error ("Expected to have
+    finished reduction in the prior iteration") unless it searches the graph every step
+    (find_unused_parameters, slow, and it hides such mistakes). One probe step on a short batch in
+    which every position is labelled finds them; they keep the teacher's values and are saved as such.
+    """
+    device = next(student.parameters()).device
+    vocab_size = unwrap(student).get_input_embeddings().num_embeddings
+    input_ids = (torch.arange(length, device=device) % vocab_size)[None]
+    probe = with_rows({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids})
+    loss, _ = distil_step(student, teacher, probe, cfg)
+    loss.backward()
+    unreached = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in student.named_parameters():
+        p.grad = None
+        if name in unreached:
+            p.requires_grad_(False)
+    return unreached
+
+
+def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, cfg):
+    """ATTN for one pair of layers: rows are (real query position, head) pairs; `real_rows` as in
+    distil_step (None: every position), `attention_mask` None when nothing is padded."""
     n_heads = student_att["scores"].shape[1]
     if teacher_att["scores"].shape[1] != n_heads:
         raise ValueError(f"attention losses need the same number of heads in teacher and student "
                          f"({teacher_att['scores'].shape[1]} vs {n_heads}); use the relation loss instead")
-    by_query = lambda x: x.transpose(1, 2)[real]  # (B, heads, Lq, Lk) -> (rows, heads, Lk)
+
+    def by_query(x):  # (B, heads, Lq, Lk) -> (rows, heads, Lk)
+        x = x.transpose(1, 2).flatten(0, 1)
+        return x if real_rows is None else x.index_select(0, real_rows)
+
     if cfg.attn_loss == "kl":
-        with_mask = lambda att: att["scores"] + att["mask"] if att["mask"] is not None else att["scores"]
+        # float32 before the mask: in fp16 the mask's minimum plus a negative score is -inf
+        with_mask = lambda att: att["scores"].float() + att["mask"].float() if att["mask"] is not None \
+            else att["scores"]
         return attention_kl_loss(by_query(with_mask(student_att)), by_query(with_mask(teacher_att)), n_real * n_heads)
-    keys = attention_mask[:, None, None, :].expand_as(student_att["scores"])
-    return attention_mse_loss(by_query(student_att["scores"]), by_query(teacher_att["scores"]), by_query(keys),
+    keys = None
+    if attention_mask is not None:
+        keys = by_query(attention_mask[:, None, None, :].expand_as(student_att["scores"]))
+    return attention_mse_loss(by_query(student_att["scores"]), by_query(teacher_att["scores"]), keys,
                               n_real * n_heads)

@@ -109,7 +109,9 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto = bf16 where the hardware multiplies bf16 natively, else fp32")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--compile", action="store_true", help="torch.compile the student")
+    a("--compile", action="store_true", help="torch.compile the student's encoder layers")
+    a("--num-workers", type=int, help="DataLoader processes building batches ahead of the step "
+      "(default: up to 4 per GPU; 0 on a CPU, where batches cost about 0.5%% of a step)")
     a("--seed", type=int, default=42)
     a("--eval-every", type=int, default=500)
     a("--save-every", type=int, default=1000)

@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import transformers
 
@@ -34,10 +35,19 @@ def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
 
 
 def to_device(batch, device):
-    """numpy batch -> tensors on `device` (through pinned memory on a GPU, so the copy is asynchronous)."""
+    """A batch's arrays as tensors on `device` (through pinned memory on a GPU, so the copy is
+    asynchronous; a DataLoader with pin_memory=True has pinned them already); plain Python values
+    (the `padded` flag) stay as they are."""
     device = torch.device(device)
-    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
-    return {k: pin(torch.as_tensor(v)).to(device, non_blocking=True) for k, v in batch.items()}
+
+    def move(value):
+        if not isinstance(value, (np.ndarray, torch.Tensor)):
+            return value
+        value = torch.as_tensor(value)
+        if device.type == "cuda" and not value.is_pinned():
+            value = value.pin_memory()
+        return value.to(device, non_blocking=True)
+    return {k: move(v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -50,12 +60,12 @@ def masked_lm_sums(model, batches, device, autocast=nullcontext, teacher=None):
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for batch in batches:
         batch = to_device(batch, device)
-        rows = batch["labels"] != -100
+        rows, labels = batch["masked_rows"], batch["masked_labels"]  # found on the host by make_batch
+        attention_mask = batch["attention_mask"] if batch["padded"] else None
         with autocast():
-            logits, _ = forward_at_rows(model, batch["input_ids"], batch["attention_mask"], rows, False)
+            logits, _ = forward_at_rows(model, batch["input_ids"], attention_mask, rows, False)
             if teacher is not None:
-                teacher_logits, _ = forward_at_rows(teacher, batch["input_ids"], batch["attention_mask"], rows, False)
-        labels = batch["labels"][rows]
+                teacher_logits, _ = forward_at_rows(teacher, batch["input_ids"], attention_mask, rows, False)
         sums[0] += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
         sums[1] += labels.numel()
         if teacher is not None:
@@ -115,8 +125,7 @@ def main(argv=None):
 
     t_sums = masked_lm_sums(teacher, valid_batches(seqs, tokenizer, args.batch_size), device, autocast)
     s_sums = masked_lm_sums(student, valid_batches(seqs, tokenizer, args.batch_size), device, autocast, teacher)
-    batch = {k: torch.as_tensor(v).to(device) for k, v in
-             next(valid_batches(seqs, tokenizer, args.batch_size)).items()}
+    batch = to_device(next(valid_batches(seqs, tokenizer, args.batch_size)), device)
     t_ms, s_ms = inference_ms(teacher, batch, device, autocast), inference_ms(student, batch, device, autocast)
     n_params = lambda m: sum(p.numel() for p in m.parameters())
     result = {

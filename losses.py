@@ -7,6 +7,12 @@ Conventions shared by every function here:
   function was given. A training loop passes the number of rows counted over all ranks and all
   gradient-accumulation micro-steps instead: the sum of the micro-step losses is then exactly the
   mean over the whole global batch, however unevenly the masked positions fall between batches.
+  The denominator may be a Python number or a 0-d tensor on the device (so a loop need not read it
+  back from the GPU). Zero rows is legal: the sum is 0, and a denominator of 0 counts as 1, so a
+  micro-batch (or a whole step) without a masked position adds 0 instead of crashing or dividing
+  by zero.
+- Nothing here reads a value back from the device (no .item(), no boolean-mask indexing): rows are
+  selected by the caller, with index tensors computed on the host (see distil.py).
 - Softmax, KL, cross-entropy and cosine are computed in float32 whatever the input dtype: in
   bf16/fp16 a softmax over a 30k-250k vocabulary loses the small probabilities that carry the
   teacher's "dark knowledge".
@@ -18,6 +24,12 @@ import torch.nn.functional as F
 
 def _rows(x):
     return x.shape[:-1].numel()
+
+
+def _per_row_mean(total, denominator, rows):
+    """total / denominator (default: the number of rows), with 0 rows giving 0, not NaN."""
+    n = rows if denominator is None else denominator
+    return total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))
 
 
 def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
@@ -35,12 +47,43 @@ def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
 
     Computed in chunks of rows (see _ChunkedKL): the same numbers as
     T^2 * F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="sum") / n,
-    without holding several float32 copies of the (rows, V) logits.
+    without holding several float32 copies of the (rows, V) logits. A teacher probability of
+    exactly 0 (a masked key in attention_kl_loss) contributes 0, as in the limit p log p -> 0.
+
+    student_logits, teacher_logits: (..., V), any float dtype; returns a float32 scalar tensor.
     """
-    n = _rows(student_logits) if denominator is None else denominator
     s = student_logits.reshape(-1, student_logits.shape[-1])
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    return _ChunkedKL.apply(s, t, float(temperature)) * temperature**2 / n
+    kl = _ChunkedKL.apply(s, t, float(temperature))
+    return _per_row_mean(kl * temperature**2, denominator, s.shape[0])
+
+
+def _kl_block(student_block, teacher_block, temperature):
+    """KL summed over one block of rows, and its gradient w.r.t. the student's logits (float32)."""
+    log_p_s = F.log_softmax(student_block.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_block.float() / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    # where p_t is 0 (a key masked with -inf) the term is 0: 0 * (-inf - x) would be NaN
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum()
+    return kl, (log_p_s.exp() - p_t) / temperature
+
+
+_compiled_kl_block = None
+
+
+def _kl_block_for(device):
+    """On a GPU, _kl_block compiled into one fused kernel (it reads each block of logits once and
+    writes its gradient once, instead of about 23 passes of separate kernels); on a CPU the eager
+    function, which was as fast there and needs no compiler."""
+    global _compiled_kl_block
+    if device.type != "cuda":
+        return _kl_block
+    if _compiled_kl_block is None:
+        try:
+            _compiled_kl_block = torch.compile(_kl_block, dynamic=True)
+        except Exception:  # no working compiler (e.g. Triton missing): the eager blocks compute the same
+            _compiled_kl_block = _kl_block
+    return _compiled_kl_block
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -49,8 +92,10 @@ class _ChunkedKL(torch.autograd.Function):
     Autograd through log_softmax and kl_div keeps several float32 (rows, V) tensors alive and runs
     about a dozen passes over them: with a 30k vocabulary at every position that is gigabytes, and
     on a CPU it costs more than the whole student forward-backward. Here each block of rows is
-    upcast, softmaxed and differentiated while it sits in cache; the gradient w.r.t. s, which is
-    (p_s - p_t) / T, is written straight into one buffer of the logits' own dtype.
+    upcast, softmaxed and differentiated while it sits in cache (on a GPU, in one compiled kernel);
+    the gradient w.r.t. s, which is (p_s - p_t) / T, is written straight into one buffer: of the
+    logits' dtype under bf16 (whose exponent range is float32's), but float32 under fp16, where the
+    small gradients would flush to zero before the gradient scaler's factor reaches them.
     """
 
     @staticmethod
@@ -58,23 +103,26 @@ class _ChunkedKL(torch.autograd.Function):
         # On a CPU, ~1 MiB float32 blocks stay in cache; on a GPU, ~256 MiB blocks bound the memory
         # while keeping the kernel launches few.
         block_elements = (1 << 18) if student_logits.device.type == "cpu" else (1 << 26)
-        rows_per_block = max(1, block_elements // student_logits.shape[-1])
-        grad = torch.empty_like(student_logits) if student_logits.requires_grad else None
+        rows_per_block = max(1, block_elements // max(1, student_logits.shape[-1]))
+        grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
+        grad = torch.empty_like(student_logits, dtype=grad_dtype) if student_logits.requires_grad else None
         kl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        kl_block = _kl_block_for(student_logits.device)
         for i in range(0, student_logits.shape[0], rows_per_block):
-            log_p_s = F.log_softmax(student_logits[i:i + rows_per_block].float() / temperature, dim=-1)
-            log_p_t = F.log_softmax(teacher_logits[i:i + rows_per_block].float() / temperature, dim=-1)
-            p_t = log_p_t.exp()
-            kl += (p_t * (log_p_t - log_p_s)).sum()
+            block_kl, block_grad = kl_block(student_logits[i:i + rows_per_block],
+                                            teacher_logits[i:i + rows_per_block], temperature)
+            kl += block_kl
             if grad is not None:
-                grad[i:i + rows_per_block] = (log_p_s.exp() - p_t) / temperature
+                grad[i:i + rows_per_block] = block_grad
         ctx.save_for_backward(grad)
+        ctx.logits_dtype = student_logits.dtype
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
         (grad,) = ctx.saved_tensors
-        return grad * grad_kl.to(grad.dtype), None, None
+        # the incoming factor (T^2 / n, and under fp16 the loss scale) is applied before any cast
+        return (grad * grad_kl.to(grad.dtype)).to(ctx.logits_dtype), None, None
 
 
 def mlm_loss(student_logits, labels, denominator=None):
@@ -82,15 +130,16 @@ def mlm_loss(student_logits, labels, denominator=None):
 
         mlm = -1/n * sum_{rows with label != -100} log softmax(s)[label]
 
-    `labels` has the logits' leading shape; -100 marks a row that is not predicted. n defaults
-    to the number of labelled rows (so the default is the usual mean cross-entropy).
+    `labels` has the logits' leading shape; -100 marks a row that is not predicted (skipped by
+    cross_entropy's ignore_index: no boolean indexing, so no read-back from the device). n defaults
+    to the number of labelled rows (so the default is the usual mean cross-entropy); the caller
+    that selected only labelled rows (distil.py) passes its host-side count.
     """
     labels = labels.reshape(-1)
-    logits = student_logits.reshape(labels.numel(), -1)
-    labelled = labels != -100  # drop unlabelled rows before the softmax, not after
-    total = F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
-    n = labelled.sum() if denominator is None else denominator
-    return total / n
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    n = (labels != -100).sum() if denominator is None else denominator
+    return _per_row_mean(total, n, None)
 
 
 def cosine_loss(student_hidden, teacher_hidden, denominator=None):
@@ -102,8 +151,7 @@ def cosine_loss(student_hidden, teacher_hidden, denominator=None):
     norms. The student's hidden size must equal the teacher's.
     """
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
-    n = _rows(student_hidden) if denominator is None else denominator
-    return (1.0 - cos).sum() / n
+    return _per_row_mean((1.0 - cos).sum(), denominator, _rows(student_hidden))
 
 
 def mse_loss(student_logits, teacher_logits, denominator=None):
@@ -116,8 +164,7 @@ def mse_loss(student_logits, teacher_logits, denominator=None):
     which makes the same alpha_mse V times weaker.
     """
     sq = F.mse_loss(student_logits.float(), teacher_logits.detach().float(), reduction="sum")
-    n = _rows(student_logits) if denominator is None else denominator
-    return sq / n
+    return _per_row_mean(sq, denominator, _rows(student_logits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +181,7 @@ def hidden_mse_loss(student_hidden, teacher_hidden, denominator=None):
     Its cosine counterpart is `cosine_loss`.
     """
     sq = F.mse_loss(student_hidden.float(), teacher_hidden.detach().float(), reduction="sum")
-    n = _rows(student_hidden) if denominator is None else denominator
-    return sq / (n * student_hidden.shape[-1])
+    return _per_row_mean(sq / student_hidden.shape[-1], denominator, _rows(student_hidden))
 
 
 def attention_kl_loss(student_scores, teacher_scores, denominator=None):
@@ -166,8 +212,7 @@ def attention_mse_loss(student_scores, teacher_scores, key_mask=None, denominato
         per_row = sq.sum(-1) / key_mask.sum(-1).clamp(min=1)
     else:
         per_row = sq.mean(-1)
-    n = _rows(student_scores) if denominator is None else denominator
-    return per_row.sum() / n
+    return _per_row_mean(per_row.sum(), denominator, _rows(student_scores))
 
 
 def relation_scores(x, attention_mask, n_heads):
@@ -183,7 +228,7 @@ def relation_scores(x, attention_mask, n_heads):
     return scores.transpose(1, 2)
 
 
-def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=None):
+def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=None, query_rows=None):
     """Self-attention relation transfer (MiniLMv2, Wang et al. 2021), for one of q, k or v.
 
         relation = 1/n * sum_{real query positions i, relation heads r}
@@ -191,11 +236,16 @@ def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=Non
 
     where T_r, S_r are the teacher's and the student's vectors (all heads concatenated, (B, L, D))
     split into `n_heads` relation heads. The relations are L x L whatever the hidden sizes and head
-    counts, so a student of another width needs no projection. n defaults to (real positions) x
-    n_heads. MiniLMv2 sums this over q, k and v.
+    counts, so a student of another width needs no projection. MiniLMv2 sums this over q, k and v.
+    `attention_mask` (B, L), 1 = real, or None: padded keys are left out of each softmax;
+    `query_rows` (int64, flat indices into the B * L positions, computed on the host) are the query
+    positions that count; None: the real ones of attention_mask (found on the device: a read-back
+    a training step avoids by passing them). n defaults to (query rows) x n_heads.
     """
-    student_rel = relation_scores(student_x, attention_mask, n_heads)
-    teacher_rel = relation_scores(teacher_x.detach(), attention_mask, n_heads)
-    real = attention_mask != 0 if attention_mask is not None else torch.ones(student_x.shape[:2], dtype=torch.bool,
-                                                                               device=student_x.device)
-    return kd_loss(student_rel[real], teacher_rel[real], 1.0, denominator)
+    if query_rows is None and attention_mask is not None:
+        query_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+    student_rel = relation_scores(student_x, attention_mask, n_heads).flatten(0, 1)  # (B * L, R, L)
+    teacher_rel = relation_scores(teacher_x.detach(), attention_mask, n_heads).flatten(0, 1)
+    if query_rows is not None:
+        student_rel, teacher_rel = student_rel.index_select(0, query_rows), teacher_rel.index_select(0, query_rows)
+    return kd_loss(student_rel, teacher_rel, 1.0, denominator)

@@ -140,5 +140,8 @@ def test_forward_at_rows_gives_the_full_logits_at_those_rows():
     batch = make_batch([7, 4], 7)
     rows = batch["labels"] != -100
     full = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, _ = forward_at_rows(teacher, batch["input_ids"], batch["attention_mask"], rows, False)
+    flat_rows = rows.reshape(-1).nonzero().squeeze(1)  # flat indices, as data.make_batch sends them
+    logits, _ = forward_at_rows(teacher, batch["input_ids"], batch["attention_mask"], flat_rows, False)
     torch.testing.assert_close(logits, full[rows], rtol=1e-5, atol=1e-6)
+    everywhere, _ = forward_at_rows(teacher, batch["input_ids"], batch["attention_mask"], None, False)
+    torch.testing.assert_close(everywhere, full.flatten(0, 1), rtol=1e-5, atol=1e-6)

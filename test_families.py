@@ -35,6 +35,7 @@ from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM,
 import train
 from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
 from distil import DistilConfig, distil_step
+from heldout import to_device
 from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_student, save_student,
                      usable_positions)
 
@@ -352,7 +353,7 @@ def test_distil_step_gives_finite_losses_and_gradients(family, tmp_path):
     corpus = load_corpus(family.train, tokenizer, str(tmp_path), progress=False)
     seqs = make_sequences(corpus, 24, pack=False)
     batch = make_batch(seqs, np.arange(8), tokenizer, mask_spec(tokenizer), seed=0, epoch=0)
-    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    batch = to_device(batch, "cpu")
     student = make_student(teacher, [0, 2])
     cfg = DistilConfig(alpha_mse=0.5, kd_on="all")  # every term on
     total, terms = distil_step(student, teacher, batch, cfg)

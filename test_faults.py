@@ -53,7 +53,8 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_counted(base, tmp_path):
         def distil_step(*args, **kwargs):
             calls[0] += 1
             loss, terms = real_distil_step(*args, **kwargs)
-            return (loss * 1e30 if calls[0] == 5 else loss), terms
+            # call 1 is train.py's probe for parameters no loss reaches (distil.freeze_unreached): call 6 is step 5
+            return (loss * 1e30 if calls[0] == 6 else loss), terms
         distil.distil_step = distil_step
         real_step, steps = torch.optim.AdamW.step, [0]
         def step(self, *args, **kwargs):
@@ -86,12 +87,12 @@ def test_non_finite_loss_stops_the_run_at_the_last_good_checkpoint(base, tmp_pat
         import distil
         real_distil_step, calls = distil.distil_step, [0]
         def distil_step(model, *args, **kwargs):
-            calls[0] += 1
-            if calls[0] == 6:
+            calls[0] += 1  # call 1 is train.py's probe (distil.freeze_unreached): call n + 1 is step n
+            if calls[0] == 7:
                 with torch.no_grad():
                     model.get_input_embeddings().weight.fill_(float("nan"))
             loss, terms = real_distil_step(model, *args, **kwargs)
-            return (loss * float("nan") if calls[0] == 2 else loss), terms
+            return (loss * float("nan") if calls[0] == 3 else loss), terms
         distil.distil_step = distil_step
     """)
     argv = flags(base, out=out, dtype="bf16", save_every=2, max_bad_steps=3)

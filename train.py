@@ -24,14 +24,14 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
                         save_checkpoint, stop_signals, truncate_metrics)
-from data import DataError, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import DistilConfig, check_capture, count_rows, distil_step, parse_layer_map, unwrap
-from heldout import masked_lm_sums, perplexity, to_device, valid_batches
+from data import DataError, MicroBatches, load_corpus, make_sequences, mask_spec, micro_batch_loader
+from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
 from flags import parse_args
+from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
-from student import (StudentError, build_student, check_layers, load_teacher, load_tokenizer, save_student,
-                     usable_positions)
+from student import (StudentError, build_student, check_layers, compile_layers, load_teacher, load_tokenizer,
+                     save_student, usable_positions)
 
 
 def get_lr(step, total_steps, args):
@@ -59,32 +59,22 @@ def run_config(args, world_size):
     return config
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
-    transformers.utils.logging.disable_progress_bar()
-
-    # ---- distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ----
+def setup_device(args):
+    """torchrun's RANK, LOCAL_RANK and WORLD_SIZE, and this process's device."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    ddp, master = world_size > 1, rank == 0
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = pick_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return rank, local_rank, world_size, device
 
-    # ---- inputs, all checked before anything is written or the process group starts ----
-    check_out_dir(args.out, args.resume)
-    check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
-    config = run_config(args, world_size)
-    ckpt_path = ckpt = None
-    if args.resume:
-        ckpt_path, ckpt = load_latest(args.out)
-        check_resumable(ckpt["config"], config, ckpt_path)
+
+def load_inputs(args, config, master):
+    """Teacher, tokenizer, recipe, student and corpora, each checked (one-line errors) before anything
+    is written or the process group starts."""
     teacher = load_teacher(args.teacher)
     tokenizer = load_tokenizer(teacher, args.teacher, args.tokenizer)
     try:
@@ -111,14 +101,11 @@ def main(argv=None):
     student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
                             args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
     # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
-    corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
-                         progress=master and args.progress)
+    read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                                    progress=master and args.progress)
+    corpus = read(args.train)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
-    valid_seqs = None
-    if args.valid:
-        valid_seqs = make_sequences(load_corpus(args.valid, tokenizer, args.cache_dir, args.text_column,
-                                                args.min_tokens, progress=master and args.progress),
-                                    args.seq_len, args.pack)
+    valid_seqs = make_sequences(read(args.valid), args.seq_len, args.pack) if args.valid else None
     spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
@@ -127,31 +114,71 @@ def main(argv=None):
         raise DataError(f"{args.train} gives {len(seqs.starts)} sequences of --seq-len {args.seq_len}: too few "
                         f"for one step of {config['global_batch']}; lower --batch-size "
                         "or --grad-accum, or pass a longer corpus")
+    return teacher, tokenizer, layers, cfg, student, corpus, seqs, valid_seqs, spec, steps_per_epoch
+
+
+def make_optimizer(student, args, device):
+    """AdamW over the parameters that train; matrices decay, biases and LayerNorms do not. The fused
+    kernel (one launch for all parameters) on GPUs, and on CPUs too, where it is also the faster."""
+    trained = [p for p in student.parameters() if p.requires_grad]
+    betas = tuple(float(b) for b in args.adam_betas.split(","))
+    return torch.optim.AdamW([{"params": [p for p in trained if p.dim() >= 2], "weight_decay": args.weight_decay},
+                              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=args.lr, betas=betas, eps=args.adam_eps, fused=device.type in ("cuda", "cpu"))
+
+
+def host_to_device(values, device):
+    """Host numbers as a float64 tensor on `device`, without making the host wait for the device
+    (a pinned buffer and an asynchronous copy on a GPU)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
+    transformers.utils.logging.disable_progress_bar()
+    rank, local_rank, world_size, device = setup_device(args)
+    ddp, master, use_cuda = world_size > 1, rank == 0, device.type == "cuda"
+    dtype = pick_dtype(args.dtype, device)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # ---- inputs, all checked before anything is written or the process group starts ----
+    check_out_dir(args.out, args.resume)
+    check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
+    config = run_config(args, world_size)
+    ckpt_path = ckpt = None
+    if args.resume:
+        ckpt_path, ckpt = load_latest(args.out)
+        check_resumable(ckpt["config"], config, ckpt_path)
+    teacher, tokenizer, layers, cfg, student, corpus, seqs, valid_seqs, spec, steps_per_epoch = \
+        load_inputs(args, config, master)
     n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     student.to(device)
     teacher.to(device)
     if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
         teacher.to(dtype)
+    # Parameters no active loss reaches (the MLM head when only hidden states are compared, layers past
+    # the last --layer-map pair) would get no gradient, which DDP takes for an error: they do not train.
+    frozen = freeze_unreached(student, teacher, cfg)
+    if frozen and master:
+        print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
 
-    model = torch.compile(student) if args.compile else student
+    model = student
+    if args.compile:  # after the probe's forward (see compile_layers)
+        compile_layers(student)
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         # Only the student is wrapped: the teacher has no gradients to synchronise.
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
-
-    decay = [p for p in student.parameters() if p.dim() >= 2]  # matrices decay; biases and LayerNorms do not
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    betas = tuple(float(b) for b in args.adam_betas.split(","))
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=betas, eps=args.adam_eps, fused=use_cuda)
+        model = DDP(student, device_ids=[local_rank] if use_cuda else None)
+    optimizer = make_optimizer(student, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- resume ----
     names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
                         if getattr(cfg, f"alpha_{k}") > 0]
-    step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * len(names), 0
+    step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * (len(names) + 1), 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -162,6 +189,8 @@ def main(argv=None):
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
         del ckpt
+    # the log window (each loss term summed since the last log line, then the tokens) stays on the device
+    window = torch.tensor(window, dtype=torch.float64).to(device)
     last_ckpt = ckpt_path
 
     def save(step):
@@ -169,7 +198,7 @@ def main(argv=None):
         if master:
             state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "config": config,
-                     "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "log_window": (window, n_logged),
+                     "teacher_ppl": teacher_ppl, "skipped_steps": skipped, "log_window": (window.tolist(), n_logged),
                      "rng_cpu": torch.get_rng_state(), "data_position": divmod(step * args.grad_accum, n_batches)}
             save_checkpoint(state, args.out, args.keep)
         last_ckpt = checkpoint_path(args.out, step)  # on every rank: each names it if it stops on NaNs
@@ -181,7 +210,7 @@ def main(argv=None):
                               device, autocast)
         if ddp:
             dist.all_reduce(sums)
-        return perplexity(sums[0].item(), sums[1].item())
+        return perplexity(*sums[:2].tolist())
 
     if master:
         os.makedirs(args.out, exist_ok=True)
@@ -196,37 +225,31 @@ def main(argv=None):
         log(args, master, {"step": step, "teacher_ppl": teacher_ppl}, loggers)
 
     # ---- the loop ----
-    def micro_batches(micro):
-        """Micro-batches from position `micro` on (epoch after epoch): a pure function of the step."""
-        while True:
-            epoch, i = divmod(micro, n_batches)
-            batches = epoch_batches(seqs, args.batch_size, args.seed, epoch, rank, world_size, not args.pack)
-            for indices in batches[i:n_batches]:
-                yield make_batch(seqs, indices, tokenizer, spec, args.seed, epoch)
-            micro += n_batches - i
-
-    stream = micro_batches(step * args.grad_accum)
+    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
+    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data.
+    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
+    if num_workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
+    dataset = MicroBatches(seqs, tokenizer, spec, args.batch_size, args.seed, n_batches, rank, world_size,
+                           group_by_length=not args.pack)
+    stream = iter(micro_batch_loader(dataset, step * args.grad_accum, total_steps * args.grad_accum, num_workers,
+                                     pin_memory=use_cuda))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    train_seconds, tokens_seen, bad_steps, valid_ppl = 0.0, 0, 0, None
+    train_seconds, data_seconds, bad_steps, valid_ppl = 0.0, 0.0, 0, None
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
         while step < total_steps:
-            t_step = time.time()
+            t_step = time.perf_counter()
             micro = [next(stream) for _ in range(args.grad_accum)]
+            data_seconds += time.perf_counter() - t_step
             # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
-            # give the gradient of one big batch. The same all_reduce carries the stop flag, so every
-            # rank stops at the same step.
-            counts = [count_rows(b, cfg) for b in micro]
-            stats = torch.tensor([sum(c[k] for c in counts) for k in ("kd", "mlm", "cos")] + [stop_requested()],
-                                 dtype=torch.float64, device=device)
+            # give the gradient of one big batch. The host counted them; the ranks' counts are summed on
+            # the devices and stay there (the losses divide by device tensors: nothing is read back).
+            counts = [sum(count_rows(b, cfg)[k] for b in micro) for k in ("kd", "mlm", "cos")]
             if ddp:
-                dist.all_reduce(stats)
-            if stats[3].item() > 0:
-                save(step)
-                if master:
-                    print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
-                break
+                counts = host_to_device(counts, device)
+                dist.all_reduce(counts)
             # DDP averages gradients over ranks, so each rank divides by the global count / world size.
-            denominators = {"kd": stats[0] / world_size, "mlm": stats[1] / world_size, "cos": stats[2] / world_size}
+            denominators = {"kd": counts[0] / world_size, "mlm": counts[1] / world_size, "cos": counts[2] / world_size}
             lr = get_lr(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -241,59 +264,64 @@ def main(argv=None):
                     loss, terms = distil_step(model, teacher, batch, cfg, denominators)
                 scaler.scale(loss).backward()
                 losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
-            # Each rank holds world_size x its share of the global mean (its denominators are the global
-            # counts / world_size): summed and divided, every rank knows the step's loss, logs it
-            # without further communication and judges a non-finite one alike.
-            if ddp:
-                dist.all_reduce(losses)
-                losses /= world_size
-            losses = losses.tolist()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip if args.clip > 0 else math.inf)
-            if scaler.is_enabled():
-                # fp16: the scaler skips a step whose gradients overflowed and lowers its scale; that is
-                # routine. A non-finite loss is not: the forward itself overflowed.
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped += scaler.get_scale() < scale_before
-                bad = not math.isfinite(losses[0])
+            # Each rank holds world_size x its share of the global mean (its denominators are the global
+            # counts / world_size): summed and divided, every rank knows the step's loss. The stop flag
+            # travels in the same all_reduce, so every rank stops at the same step.
+            stats = torch.cat([losses, host_to_device([float(stop_requested())], device)])
+            if ddp:
+                dist.all_reduce(stats)
+            losses = stats[:-1] / world_size
+            # The one read-back of the step: the loss, the gradient norm (from the all-reduced
+            # gradients, so alike on every rank) and the stop flag decide whether to step and stop.
+            loss_value, norm_value, stop = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-1:]]).tolist()
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            if finite:  # never step on a non-finite loss or gradient, in any dtype
+                optimizer.step()
             else:
-                # bf16/fp32: never step on a NaN. grad_norm is computed from the all-reduced
-                # gradients, so every rank takes the same decision.
-                bad = not (math.isfinite(losses[0]) and math.isfinite(grad_norm.item()))
-                if bad:
-                    skipped += 1
-                else:
-                    optimizer.step()
+                skipped += 1
+            scaler.update()  # fp16: after overflowing gradients, a lower scale (a no-op in bf16/fp32)
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # fp16 gradients that overflow while the loss is finite are routine (the scaler lowers its
+            # scale); a non-finite loss, or a non-finite gradient in bf16/fp32, is not.
+            bad = not math.isfinite(loss_value) or (not finite and not scaler.is_enabled())
             bad_steps = bad_steps + 1 if bad else 0
             if bad_steps >= args.max_bad_steps:
                 raise FloatingPointError(
                     f"non-finite loss or gradients at steps {step - bad_steps + 1}-{step} (--max-bad-steps "
                     f"{args.max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'} (--resume continues "
                     "from it); if it happens again, check the data or start anew with a lower --lr or --dtype fp32")
-            window, n_logged = [w + v for w, v in zip(window, losses)], n_logged + 1
-            tokens_seen += int(stats[2].item())
-            train_seconds += time.time() - t_step  # throughput counts training, not evaluations and saves
+            window += torch.cat([losses, counts[2:3] if ddp else host_to_device([counts[2]], device)])
+            n_logged += 1
+            train_seconds += time.perf_counter() - t_step  # throughput counts training, not evaluations and saves
             bar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                record = {"step": step, **{k: w / n_logged for k, w in zip(names, window)}, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_seen / train_seconds,
-                          "skipped_steps": skipped}
+                sums = window.tolist()  # read back at logging steps only
+                record = {"step": step, **{k: w / n_logged for k, w in zip(names, sums)}, "lr": lr,
+                          "grad_norm": norm_value, "tokens_per_s": sums[-1] / train_seconds,
+                          "data_wait": data_seconds / train_seconds, "skipped_steps": skipped}
                 if scaler.is_enabled():
                     record["scale"] = scaler.get_scale()
                 log(args, master, record, loggers)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window, n_logged, train_seconds, tokens_seen = [0.0] * len(names), 0, 0.0, 0
+                window.zero_()
+                n_logged, train_seconds, data_seconds = 0, 0.0, 0.0
             if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
                 valid_ppl = evaluate(unwrap(model))
                 log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
-            if (step % args.save_every == 0 or step == total_steps) and bad_steps == 0:
+            saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
+            if saved:
                 save(step)
+            if stop:
+                if not saved:
+                    save(step)
+                if master:
+                    print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
+                break
     bar.close()
     close_loggers(loggers)
 
@@ -314,6 +342,15 @@ def main(argv=None):
     if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
     return step
+
+
+def default_workers(device, world_size):
+    """DataLoader workers per process when --num-workers is not given. On a GPU, up to 4 per GPU
+    (a batch takes a few ms to build; the GPU step about as long). On a CPU none: a batch costs about
+    0.5% of a CPU step, and a worker would compete with the step's own threads for the cores."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, min(world_size, torch.cuda.device_count())) - 1))
 
 
 def log(args, master, record, loggers=()):
