@@ -10,9 +10,8 @@ import argparse
 import json
 import os
 
-# What a training record holds besides its loss terms (train.py logs "loss" and one key per loss
-# that is on: kd, mlm, cos, mse, hidden, attn, relation; evaluations log the perplexities).
-NOT_LOSSES = {"step", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "scale", "valid_ppl", "teacher_ppl"}
+# The loss terms train.py can log, for a run folder without run.json.
+KNOWN_TERMS = ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
 
 
 def read_metrics(out_dir):
@@ -29,15 +28,26 @@ def series(records, name):
     return [s for s, _ in points], [v for _, v in points]
 
 
-def loss_terms(records):
-    """The loss terms the run logged, "loss" (their weighted sum) first, then in the order logged:
-    every numeric key of the training records that is not a rate, a count or a perplexity."""
+def read_run(out_dir):
+    """The run's settings (OUT/run.json), or None when the folder has none."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def loss_terms(records, run=None):
+    """The loss terms a run logged: "loss" (their weighted sum), then each key of the training
+    records that is weighted by an --alpha-KEY in the run's settings, in the order logged. So every
+    term that was on is drawn, a new one included, and no rate or count (lr, tokens_per_s, ...)
+    is. Without the settings, the terms train.py knows (KNOWN_TERMS)."""
+    weighted = KNOWN_TERMS if run is None else {k[len("alpha_"):] for k in run if k.startswith("alpha_")}
     names = []
     for record in records:
         if "loss" in record:
-            names += [k for k, v in record.items() if k not in NOT_LOSSES and k not in names
-                      and isinstance(v, (int, float))]
-    return sorted(names, key=lambda name: name != "loss")  # stable: the others keep their order
+            names += [k for k, v in record.items() if k in weighted and k not in names and isinstance(v, (int, float))]
+    return (["loss"] if any("loss" in r for r in records) else []) + names
 
 
 def figure(out_dirs):
@@ -54,7 +64,7 @@ def figure(out_dirs):
     for out_dir in out_dirs:
         records = read_metrics(out_dir)
         prefix = f"{os.path.basename(os.path.normpath(out_dir))}: " if len(out_dirs) > 1 else ""
-        for name in loss_terms(records):
+        for name in loss_terms(records, read_run(out_dir)):
             steps, values = series(records, name)
             if steps:
                 ax_loss.plot(steps, values, label=prefix + name, lw=2 if name == "loss" else 1)

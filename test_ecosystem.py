@@ -164,7 +164,11 @@ def test_plot_draws_every_loss_term_the_run_logged(tiny_teacher, tiny_corpus, tm
     fig = plot.figure([out])
     drawn = fig.axes[0].get_legend_handles_labels()[1]
     assert drawn == ["loss", "kd", "mlm", "cos", "mse", "hidden", "attn", "relation"]
-    assert drawn == plot.loss_terms(read_jsonl(os.path.join(out, "metrics.jsonl")))
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert set(records[-1]) - set(drawn) >= {"lr", "grad_norm", "tokens_per_s", "skipped_steps"}  # no rate or count
+    assert plot.loss_terms(records) == drawn  # without run.json: the terms train.py knows
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert plot.loss_terms([{**records[-1], "distil_new": 0.5}], {**run, "alpha_distil_new": 1.0}) == drawn + ["distil_new"]
 
 
 def test_plot_without_matplotlib_or_metrics_says_what_to_do(tiny_run, tmp_path, monkeypatch):
