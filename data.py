@@ -29,12 +29,13 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import Tokenizer
 import torch
 from tqdm import tqdm
 
 from distil import batch_rows
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special-token strings in the text are tokenized as text
 
 
 class DataError(ValueError):
@@ -72,53 +73,128 @@ def check_corpus_file(path):
         raise DataError(f"{path} looks binary (it contains NUL bytes); pass a UTF-8 text corpus")
 
 
-def read_documents(path, text_column="text"):
-    """Yield (document text, bytes read so far) from a .txt, .csv or .jsonl corpus (or a dataset)."""
+def read_documents(path, text_column="text", counts=None):
+    """Yield (document text, bytes read so far) from a .txt, .csv or .jsonl corpus (or a dataset).
+
+    Blank lines of a .txt are skipped. Records of a .csv, .jsonl or dataset whose text is empty,
+    blank or null are skipped and counted in `counts["skipped"]` (a dict the caller passes, or
+    None); .csv records that span several lines (a quoted field holding line breaks) are counted
+    in `counts["multiline"]`, and the longest one's lines in `counts["longest"]`, so that a quote
+    left open, which swallows the records after it, shows up (see _read_csv for the rules).
+    Any other malformed record is a DataError naming its line: a record is never silently merged
+    with the next, cut short or dropped.
+    """
+    counts = {} if counts is None else counts
+    counts.setdefault("skipped", 0)
     if is_dataset(path):
-        yield from read_dataset_documents(path, text_column)
+        yield from read_dataset_documents(path, text_column, counts)
         return
     check_corpus_file(path)
     kind = os.path.splitext(path)[1].lower()
-    line_no = 0
     try:
         # utf-8-sig: drop the byte-order mark that Excel and Notepad write, or it sticks to the first column name
         with open(path, encoding="utf-8-sig", newline="" if kind == ".csv" else None) as f:
             if kind == ".txt":
-                for line_no, line in enumerate(f, 1):
+                for line in f:
                     if line.strip():
                         yield line.strip(), len(line)
             elif kind == ".csv":
-                csv.field_size_limit(sys.maxsize)
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or text_column not in reader.fieldnames:
-                    columns = ", ".join(reader.fieldnames or []) or "none"
-                    raise DataError(f"{path} has no column '{text_column}' (columns: {columns}); "
-                                    "pass --text-column with the name of the text column")
-                for row in reader:
-                    line_no = reader.line_num
-                    text = row.get(text_column) or ""
-                    if text.strip():
-                        yield text.strip(), len(text) + 1
+                yield from _read_csv(path, f, text_column, counts)
             else:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {line_no} is not valid JSON ({e.msg}); "
-                                        "a .jsonl corpus holds one JSON object per line") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
-                        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                        raise DataError(f"{path} line {line_no} has no string field '{text_column}' "
-                                        f"(found: {keys}); pass --text-column with the name of the text field")
-                    if record[text_column].strip():
-                        yield record[text_column].strip(), len(line)
+                yield from _read_jsonl(path, f, text_column, counts)
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text (line {_first_undecodable_line(path)}); "
                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read_csv(path, f, text_column, counts):
+    """Records of a CSV file, read by RFC 4180's rules, strictly.
+
+    A field holding a comma, a quote or a line break is enclosed in double quotes, and a quote
+    inside it is doubled (""), as Excel, pandas and Python's csv module write. A quoted field may
+    therefore span lines: a document with paragraphs is one record. What is refused, naming the
+    line where the record starts: a quote left open to the end of the file (it would swallow every
+    later record), text after a closing quote other than a comma or the line's end (a quote that
+    closed where it should not have), and a record with more or fewer fields than the header (a
+    comma in an unquoted field, or records run together). The records that do span lines are
+    counted, so that a quote closing far from where it opened is visible in the summary.
+    """
+    csv.field_size_limit(sys.maxsize)
+    reader = csv.reader(f, strict=True)
+    start = 1  # the line the current record starts on
+    try:
+        header = next(reader, None)
+        if not header or text_column not in header:
+            columns = ", ".join(header or []) or "none"
+            raise DataError(f"{path} has no column '{text_column}' (columns: {columns}); "
+                            "pass --text-column with the name of the text column")
+        if header.count(text_column) > 1:
+            raise DataError(f"{path}: {header.count(text_column)} columns are named '{text_column}'; "
+                            "rename all but one")
+        column, n_fields = header.index(text_column), len(header)
+        start = reader.line_num + 1
+        for row in reader:
+            end = reader.line_num
+            lines = f"line {start}" if end == start else f"lines {start}-{end}"
+            if row and len(row) != n_fields:
+                raise DataError(f"{path} {lines}: {len(row)} fields where the header has {n_fields}; "
+                                "quote a field that holds a comma (\"a, b\"), or fix the record")
+            if end > start:
+                counts["multiline"] = counts.get("multiline", 0) + 1
+                longest = counts.get("longest")
+                if longest is None or end - start > longest[1] - longest[0]:
+                    counts["longest"] = (start, end)
+            start = end + 1
+            if not row:  # a blank line between records
+                continue
+            text = row[column]
+            if text.strip():
+                yield text.strip(), len(text) + 1
+            else:
+                counts["skipped"] += 1
     except csv.Error as e:
-        raise DataError(f"{path} line {line_no + 1}: malformed CSV ({e}); fix the quoting or use .jsonl") from None
+        if reader.line_num > start:
+            raise DataError(f"{path} line {start}: malformed CSV: the record starting there runs to line "
+                            f"{reader.line_num} and fails there ({e}); a quote opened on line {start} is probably "
+                            "not closed: close it, and double every quote inside a quoted field (\"\")") from None
+        raise DataError(f"{path} line {start}: malformed CSV ({e}); enclose a field that holds quotes in quotes "
+                        "and double the quotes inside it (\"say \"\"hi\"\"\"), or use .jsonl") from None
+
+
+def _json_type(value):
+    """JSON's name for a parsed value's type."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}[type(value)]
+
+
+def _read_jsonl(path, f, text_column, counts):
+    """Records of a JSON Lines file: one object per line, its `text_column` a string (null: skipped)."""
+    for line_no, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {line_no} is not valid JSON ({e.msg}); "
+                            "a .jsonl corpus holds one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {line_no} holds a JSON {_json_type(record)}, not an object; a .jsonl "
+                            f"corpus holds one object per line, e.g. {{\"{text_column}\": \"the text\"}}")
+        if text_column not in record:
+            raise DataError(f"{path} line {line_no} has no field '{text_column}' (found: "
+                            f"{', '.join(record) or 'none'}); pass --text-column with the name of the text field")
+        text = record[text_column]
+        if text is None:
+            counts["skipped"] += 1
+            continue
+        if not isinstance(text, str):
+            raise DataError(f"{path} line {line_no}: field '{text_column}' holds a JSON {_json_type(text)} "
+                            f"({json.dumps(text)[:40]}), not a string; write the text as a string "
+                            "(or null to skip the record)")
+        if text.strip():
+            yield text.strip(), len(line)
+        else:
+            counts["skipped"] += 1
 
 
 # Hugging Face datasets (optional: `pip install datasets`): a folder written by save_to_disk, or a
@@ -166,8 +242,10 @@ def dataset_fingerprint(path):
                       [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
 
 
-def read_dataset_documents(path, text_column="text"):
-    """Yield (document text, its length) for each row of a dataset's text column."""
+def read_dataset_documents(path, text_column="text", counts=None):
+    """Yield (document text, its length) for each row of a dataset's text column; rows whose text is
+    None, empty or blank are skipped and counted in counts["skipped"]."""
+    counts = {"skipped": 0} if counts is None else counts
     dataset = open_dataset(path)
     if text_column not in dataset.column_names:
         raise DataError(f"{path} has no column '{text_column}' (columns: {', '.join(dataset.column_names)}); "
@@ -179,6 +257,8 @@ def read_dataset_documents(path, text_column="text"):
         for text in batch[text_column]:
             if text and text.strip():
                 yield text.strip(), len(text) + 1
+            else:
+                counts["skipped"] = counts.get("skipped", 0) + 1
 
 
 def _first_undecodable_line(path):
@@ -207,15 +287,70 @@ class Corpus:
     tokens: np.ndarray      # every document's ids, each document followed by one sep id
     doc_starts: np.ndarray  # int64, n_docs + 1 offsets into tokens
     path: str
+    meta: dict = None       # the cache's record of the reading: counts of documents kept, skipped, dropped
+
+
+def corpus_note(corpus):
+    """One line saying what reading the corpus skipped or found unusual, or None when nothing was.
+
+    Empty and null texts are skipped, as documents shorter than --min-tokens are dropped; a run
+    says how many, so that a column of nulls or a quote left open cannot pass unnoticed."""
+    meta, name = corpus.meta or {}, os.path.basename(corpus.path.rstrip("/"))
+    parts = []
+    if meta.get("n_docs_skipped"):
+        parts.append(f"{meta['n_docs_skipped']} empty or null texts skipped")
+    if meta.get("n_docs_dropped"):
+        parts.append(f"{meta['n_docs_dropped']} documents shorter than --min-tokens dropped")
+    if meta.get("n_records_multiline"):
+        start, end = meta["longest_record_lines"]
+        parts.append(f"{meta['n_records_multiline']} records span several lines (quoted line breaks; the "
+                     f"longest: lines {start}-{end})")
+    if not parts:
+        return None
+    return f"{name}: {meta.get('n_docs', '?')} documents kept; " + "; ".join(parts)
+
+
+# A special token renamed to this is in the vocabulary under a name no text can spell (see _plain_backend).
+_UNREACHABLE = "\x00\ufffe"
 
 
 def _plain_backend(tokenizer):
-    """The tokenizer's backend without padding or truncation. A fast tokenizer keeps the padding and
-    truncation of its last call (tokenizer(texts, padding=True, ...)) in its backend, where they
-    would pad or cut every document tokenized here."""
-    backend = copy.deepcopy(tokenizer.backend_tokenizer)
-    backend.no_padding()
-    backend.no_truncation()
+    """The tokenizer's backend as the corpus is tokenized with it: no padding, no truncation, and
+    special-token strings in the text read as text.
+
+    - A fast tokenizer keeps the padding and truncation of its last call (tokenizer(texts,
+      padding=True, ...)) in its backend, where they would pad or cut every document.
+    - Corpus text is text: a line that says "type [MASK] to hide a word" must not put a [MASK] id
+      without a label into the batch, nor "<pad>" a pad id with attention 1. Two routes lead from
+      text to a special id: the added-token matcher, which splits "[MASK]" out of the text before
+      the model sees it (turned off by the backend's encode_special_tokens), and the model itself,
+      whose vocabulary holds the special tokens too: a SentencePiece-style Unigram model (XLM-R,
+      CamemBERT, DeBERTa-v3) segments "<pad>" as its own piece of score 0, a WordPiece or
+      WordLevel vocabulary behind a whitespace pre-tokenizer matches "[MASK]" as a word, a BPE
+      merge may build "<mask>". So each special token's vocabulary entry is renamed to a string no
+      text holds (its id is kept), and BPE merges that build or use it are dropped. Text such as
+      "[MASK]" is then tokenized as the characters it is made of ("[", "mask", "]", or the unknown
+      token where the vocabulary cannot spell them). The one special id text can still yield is
+      the unknown token's, which stands for text, is never masked and is never predicted.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state["padding"] = state["truncation"] = None
+    special = set(tokenizer.all_special_tokens) | {t["content"] for t in state.get("added_tokens", [])
+                                                    if t.get("special")}
+    renamed = {token: _UNREACHABLE + token for token in special}
+    model = state["model"]
+    if isinstance(model.get("vocab"), dict):  # WordPiece, WordLevel, BPE: token -> id
+        model["vocab"] = {renamed.get(token, token): i for token, i in model["vocab"].items()}
+    elif isinstance(model.get("vocab"), list):  # Unigram: [piece, score] in id order (unk_id is an id)
+        model["vocab"] = [[renamed.get(piece, piece), score] for piece, score in model["vocab"]]
+    if model.get("unk_token") in renamed:  # WordPiece, WordLevel and BPE name their unknown token
+        model["unk_token"] = renamed[model["unk_token"]]
+    if "merges" in model:  # pairs, or "a b" strings in older files
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        model["merges"] = [m for m, (a, b) in zip(model["merges"], pairs)
+                           if not {a, b, a + b} & special]
+    backend = Tokenizer.from_str(json.dumps(state))
+    backend.encode_special_tokens = True
     return backend
 
 
@@ -253,14 +388,17 @@ def load_corpus(path, tokenizer, cache_dir, text_column="text", min_tokens=1, ba
             _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress)
     meta = json.load(open(key + ".json"))
     tokens = np.memmap(key + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    return Corpus(tokens, np.load(key + ".docs.npy"), path)
+    return Corpus(tokens, np.load(key + ".docs.npy"), path, meta)
 
 
 def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress):
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
     sep = tokenizer.sep_token_id
     backend = _plain_backend(tokenizer)
-    lengths, n_docs_seen = [], 0
+    # _plain_backend reads special-token strings as text; this holds it to that for any tokenizer:
+    # no special id but the unknown token's may come out of text (the separators are added below)
+    forbidden = np.array(sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}), dtype=np.int64)
+    lengths, n_docs_seen, counts = [], 0, {"skipped": 0}
     bar = tqdm(total=os.path.getsize(path) if os.path.isfile(path) else None, unit="B", unit_scale=True,
                disable=not progress, desc=f"tokenizing {os.path.basename(path)}", file=sys.stderr,
                delay=1)  # quiet if quick
@@ -269,17 +407,23 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
         nonlocal n_docs_seen
         n_docs_seen += len(texts)
         ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        ids = [x for x in ids if len(x) >= min_tokens]
-        if ids:
-            flat = np.fromiter((t for x in ids for t in (*x, sep)), dtype=dtype,
-                               count=sum(len(x) + 1 for x in ids))
+        kept = [(text, x) for text, x in zip(texts, ids) if len(x) >= min_tokens]
+        if kept:
+            flat = np.fromiter((t for _, x in kept for t in (*x, sep)), dtype=dtype,
+                               count=sum(len(x) + 1 for _, x in kept))
+            if np.isin(flat, forbidden).sum() != len(kept):  # more special ids than the separators
+                text, x = next((text, x) for text, x in kept if np.isin(x, forbidden).any())
+                token = tokenizer.convert_ids_to_tokens(int(np.asarray(x)[np.isin(x, forbidden)][0]))
+                raise DataError(f"{path}: the tokenizer turns the text {text[:60]!r} into its special token "
+                                f"{token!r}, which text must not give; report it with the tokenizer's name "
+                                "(data._plain_backend does not handle its kind of model)")
             out.write(flat.tobytes())
-            lengths.extend(len(x) + 1 for x in ids)
+            lengths.extend(len(x) + 1 for _, x in kept)
 
     try:
         with open(key + ".tokens.tmp", "wb") as out:
             texts = []
-            for text, n_bytes in read_documents(path, text_column):
+            for text, n_bytes in read_documents(path, text_column, counts):
                 texts.append(text)
                 bar.update(n_bytes)
                 if len(texts) == batch_docs:
@@ -294,7 +438,8 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
         bar.close()
     if n_docs_seen == 0:
         os.remove(key + ".tokens.tmp")
-        raise DataError(f"{path} holds no text (only blank lines or empty fields)")
+        skipped = f" ({counts['skipped']} empty or null texts)" if counts["skipped"] else ""
+        raise DataError(f"{path} holds no text (only blank lines or empty fields{skipped})")
     if not lengths:
         os.remove(key + ".tokens.tmp")
         raise DataError(f"{path}: all {n_docs_seen} documents are shorter than --min-tokens {min_tokens} "
@@ -304,7 +449,9 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
     os.replace(key + ".docs.tmp.npy", key + ".docs.npy")
     os.replace(key + ".tokens.tmp", key + ".tokens")
     meta = {"source": os.path.abspath(path), "dtype": np.dtype(dtype).name, "n_tokens": int(doc_starts[-1]),
-            "n_docs": len(lengths), "n_docs_dropped": n_docs_seen - len(lengths)}
+            "n_docs": len(lengths), "n_docs_dropped": n_docs_seen - len(lengths),
+            "n_docs_skipped": counts["skipped"], "n_records_multiline": counts.get("multiline", 0),
+            "longest_record_lines": counts.get("longest")}
     with open(key + ".json.tmp", "w") as f:
         json.dump(meta, f)
     os.replace(key + ".json.tmp", key + ".json")  # written last: its presence means the cache is whole

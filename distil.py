@@ -183,27 +183,36 @@ def check_capture(model):
                          "relation losses cannot read it; use --alpha-hidden instead")
 
 
+def _encoder_layers(model):
+    """The model's list of transformer layers: the first ModuleList with one module per layer, all of
+    one type (student.encoder_layers' rule, repeated here so that this file needs only losses.py)."""
+    n = model.config.num_hidden_layers
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n
+                   and len({type(x) for x in m}) == 1), None)
+    if layers is None:
+        raise ValueError(f"cannot find the {n} encoder layers of {type(model).__name__} to capture attention in")
+    return layers
+
+
 def enable_capture(model, layer_indices):
     """Route `model`'s attention through _attention_with_capture, capturing in layers `layer_indices` (0-based)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    from student import encoder_layers
     check_capture(model)
     model = unwrap(model)
     if model.config._attn_implementation != "distil_capture":
         AttentionInterface.register("distil_capture", _attention_with_capture)
         AttentionMaskInterface.register("distil_capture", eager_mask)  # an additive mask, as eager attention takes
         model.set_attn_implementation("distil_capture")
-    for i, layer in enumerate(encoder_layers(model)):
+    for i, layer in enumerate(_encoder_layers(model)):
         for module in layer.modules():
             module.distil_capture = i in layer_indices
 
 
 def captured(model, layer_index):
     """What the attention of layer `layer_index` (0-based) kept in the last forward."""
-    from student import encoder_layers
-    layer = encoder_layers(unwrap(model))[layer_index]
+    layer = _encoder_layers(unwrap(model))[layer_index]
     return next(m.distil_captured for m in layer.modules() if hasattr(m, "distil_captured"))
 
 
@@ -227,6 +236,11 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     logits_at_real = cfg.needs_teacher_logits() and cfg.kd_on == "all"
     student_rows = real_rows if logits_at_real else batch["masked_rows"]
     attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
+    if cfg.needs_attention() and not attn_pairs:
+        raise ValueError(f"attention and relation losses compare layers above 0 (the embeddings have no attention): "
+                         f"layer_map {cfg.layer_map} has no such pair")
+    if (cfg.alpha_hidden > 0) and not cfg.layer_map:
+        raise ValueError("the hidden-state loss needs at least one pair of layers in layer_map")
     if cfg.needs_attention():
         wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
         enable_capture(teacher, {t for t, _ in wanted})

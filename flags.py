@@ -8,6 +8,7 @@ name ("alpha_kd" or "alpha-kd"); flags given on the command line win over the fi
 
 import argparse
 import json
+import math
 import sys
 
 from data import default_cache_dir
@@ -142,4 +143,87 @@ def parse_args(argv=None):
     for flag in ("teacher", "train", "out"):
         if not getattr(args, flag):
             p.error(f"--{flag} is required (on the command line or in --config)")
+    problem = check_ranges(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+# (flag, kind, test, what a valid value is): a flag's value must be of its kind (whole numbers for
+# "int"; finite numbers for "float") and pass its test. Checked before anything is loaded, so that
+# a value that cannot work stops the run at once instead of at the first step, or hours later.
+RANGES = [
+    ("seq_len", "int", lambda v: v >= 3, "at least 3 (the two special tokens and one of text)"),
+    ("min_tokens", "int", lambda v: v >= 1, "at least 1"),
+    ("mlm_prob", "float", lambda v: 0 < v <= 1, "in (0, 1]: the fraction of tokens to predict"),
+    ("mlm_smoothing", "float", lambda v: v >= 0, "at least 0 (0 = uniform)"),
+    ("batch_size", "int", lambda v: v >= 1, "at least 1"),
+    ("grad_accum", "int", lambda v: v >= 1, "at least 1"),
+    ("max_steps", "int", lambda v: v >= 1, "at least 1 (or leave it out to train for --epochs)"),
+    ("epochs", "float", lambda v: v > 0, "above 0"),
+    ("lr", "float", lambda v: v > 0, "above 0"),
+    ("warmup", "float", lambda v: 0 <= v < 1, "in [0, 1): the fraction of the steps spent warming up"),
+    ("weight_decay", "float", lambda v: v >= 0, "at least 0"),
+    ("adam_eps", "float", lambda v: v > 0, "above 0"),
+    ("clip", "float", lambda v: v >= 0, "at least 0 (0 = no clipping)"),
+    ("temperature", "float", lambda v: v > 0, "above 0 (the recipe uses 2)"),
+    ("alpha_kd", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_mlm", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_cos", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_mse", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_hidden", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_attn", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_relation", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("relation_heads", "int", lambda v: v >= 0, "at least 0 (0 = the student's attention heads)"),
+    ("student_hidden", "int", lambda v: v >= 1, "at least 1"),
+    ("student_heads", "int", lambda v: v >= 1, "at least 1"),
+    ("eval_every", "int", lambda v: v >= 1, "at least 1"),
+    ("save_every", "int", lambda v: v >= 1, "at least 1"),
+    ("log_every", "int", lambda v: v >= 1, "at least 1"),
+    ("keep", "int", lambda v: v >= 0, "at least 0 (0 = keep all)"),
+    ("max_bad_steps", "int", lambda v: v >= 1, "at least 1"),
+    ("seed", "int", lambda v: v >= 0, "at least 0"),
+    ("num_workers", "int", lambda v: v >= 0, "at least 0 (0 = batches built in the training process)"),
+]
+
+
+def check_ranges(args):
+    """The first flag whose value cannot work, as one line ("--flag VALUE: must be ..."), or None.
+
+    Numbers from --config files arrive as JSON gave them (argparse converts only strings), so a 2.5
+    for --batch-size or true for --lr is caught here too; NaN and infinities are refused as well."""
+    for name, kind, test, valid in RANGES:
+        value = getattr(args, name)
+        if value is None and name in ("max_steps", "student_hidden", "student_heads", "num_workers"):  # optional
+            continue
+        flag = "--" + name.replace("_", "-")
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            what = "a whole number"
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a finite number"
+        if not ok:
+            return f"{flag} {value}: must be {what}, {valid}"
+        if not test(value):
+            return f"{flag} {value}: must be {valid}"
+    try:
+        betas = [float(b) for b in str(args.adam_betas).split(",")]
+    except ValueError:
+        betas = []
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        return f"--adam-betas {args.adam_betas}: must be two numbers in [0, 1) separated by a comma, e.g. 0.9,0.98"
+    alphas = ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
+    if all(getattr(args, f"alpha_{k}") == 0 for k in alphas):
+        return "every --alpha-* is 0: turn on at least one loss"
+    if (args.alpha_attn > 0 or args.alpha_relation > 0) and args.layer_map is not None:
+        # 0 is the embeddings, which have no attention: an attention loss needs a pair of real layers
+        try:
+            pairs = [tuple(int(x) for x in pair.split(":")) for pair in str(args.layer_map).split(",") if pair.strip()]
+        except ValueError:
+            return None  # malformed: parse_layer_map says how, once the depths are known
+        if not any(len(pair) == 2 and pair[0] > 0 and pair[1] > 0 for pair in pairs):
+            flag = "--alpha-attn" if args.alpha_attn > 0 else "--alpha-relation"
+            return (f"{flag} compares attention, which layer 0 (the embeddings) has not: --layer-map "
+                    f"{args.layer_map} needs a pair of layers both above 0, e.g. --layer-map 0:0,12:6")
+    return None

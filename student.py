@@ -86,10 +86,60 @@ def make_student(teacher, layers=None, init="teacher"):
         student = type(teacher)(config)
     elif init != "teacher":
         raise StudentError(f"init={init!r}: use 'teacher' or 'random'")
+    else:
+        check_representable(teacher, student, layers, same_width=True)
     student.train()
     for p in student.parameters():
         p.requires_grad_(True)
     return student
+
+
+def _layer_names(model):
+    """For each encoder layer, the sorted names of its weights and buffers (relative to the layer)."""
+    return [sorted(layer.state_dict()) for layer in encoder_layers(model)]
+
+
+def check_representable(teacher, student, layers, same_width):
+    """Refuse, in one line, a student whose class cannot hold the teacher layers in the positions chosen.
+
+    What --out holds is what `type(student)(student.config)` builds and loads the weights into, so
+    the student must have exactly the weights that model has. Some families build their layers
+    differently by position: ModernBERT's layer 0 has no attention LayerNorm (the embeddings' norm
+    precedes it), so teacher layer 1 in the student's position 0 would lose its LayerNorm on
+    saving, and the reloaded student would not be the trained one. The model the config describes
+    is built on the meta device (no memory, no time) and its layers' weights compared, by name,
+    with those of the teacher layers chosen for each position; with same_width, the whole
+    state_dict is compared as well, shapes included. The message names a choice that works.
+    """
+    with torch.device("meta"):
+        fresh = type(student)(copy.deepcopy(student.config))
+    wanted, available = _layer_names(fresh), _layer_names(teacher)
+    bad = [(j, i) for j, i in enumerate(layers) if available[i] != wanted[j]]
+    choice = ",".join(map(str, layers))
+    if bad:
+        j, i = bad[0]
+        lost = sorted(set(available[i]) ^ set(wanted[j]))
+        # a choice that works: in each position, the chosen layer if it fits, else the nearest that does
+        suggestion = []
+        for position, layer in enumerate(layers):
+            fits = [k for k in range(len(available)) if available[k] == wanted[position] and k not in suggestion]
+            if not fits:
+                suggestion = None
+                break
+            suggestion.append(layer if layer in fits else min(fits, key=lambda k: abs(k - layer)))
+        hint = f"e.g. --layers {','.join(map(str, suggestion))}" if suggestion else "e.g. keep layer 0 first"
+        raise StudentError(f"--layers {choice}: {type(student).__name__} cannot hold teacher layer {i} in the "
+                           f"student's position {j} (the weights that differ: {', '.join(lost[:3])}"
+                           f"{', ...' if len(lost) > 3 else ''}), so the saved student would not reload as trained; "
+                           f"choose layers that fit their positions, {hint}")
+    if same_width:
+        mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))
+            raise StudentError(f"--layers {choice}: the student does not match the model its config describes "
+                               f"({', '.join(name for name, _ in diff[:3])}), so it could not be saved and reloaded "
+                               "as trained; keep other layers, or report it with the teacher's name")
 
 
 def make_narrow_student(teacher, layers=None, hidden_size=None, num_heads=None, init="teacher"):
@@ -115,6 +165,7 @@ def make_narrow_student(teacher, layers=None, hidden_size=None, num_heads=None, 
         config.embedding_size = hidden_size
     student = type(teacher)(config).to(teacher.device)
     if init == "teacher":
+        check_representable(teacher, student, layers, same_width=False)
         # the layer list's own name (e.g. "bert.encoder.layer") maps student layer j to teacher layer layers[j]
         prefix = next(name for name, m in teacher.named_modules() if m is encoder_layers(teacher)) + "."
         source = dict(teacher.named_parameters())
@@ -322,6 +373,11 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
     if not tokenizer.is_fast:
         raise StudentError(f"{flag} {source}: only a slow (Python) tokenizer is available; "
                            "save the teacher's fast tokenizer (tokenizer.json) beside it")
+    if not _has_vocabulary(tokenizer):
+        # transformers builds the model class's tokenizer from nothing when a folder has no tokenizer files
+        raise StudentError(f"{flag} {source}: no tokenizer files there (its tokenizer would hold only the "
+                           f"{len(tokenizer)} special tokens); pass --tokenizer with a folder holding the teacher's "
+                           "tokenizer (tokenizer.json, or vocab.txt, or vocab.json and merges.txt)")
     missing = [name for name in ("mask_token", "pad_token", "cls_token", "sep_token")
                if getattr(tokenizer, name) is None]
     if missing:
@@ -340,22 +396,48 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
     except Exception as e:  # the Rust backend raises a bare Exception
         raise StudentError(f"{flag} {source}: the tokenizer fails on plain text ({_first_line(e)}); "
                            "use the teacher's own tokenizer") from None
-    if tokenizer_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
-        own, theirs = AutoTokenizer.from_pretrained(teacher_path).get_vocab(), tokenizer.get_vocab()
-        if own != theirs:
-            token = next(t for t in sorted(set(own) | set(theirs), key=lambda t: own.get(t, theirs.get(t)))
-                         if own.get(t) != theirs.get(t))
-            raise StudentError(f"--tokenizer {source}: its vocabulary differs from the teacher's own tokenizer "
-                               f"({len(theirs)} vs {len(own)} tokens; {token!r} is id {theirs.get(token)} vs "
-                               f"{own.get(token)}); drop --tokenizer to use the teacher's")
+    if tokenizer_path:
+        check_same_tokenizer(tokenizer, teacher_path, tokenizer_path)
     return tokenizer
+
+
+def check_same_tokenizer(tokenizer, teacher_path, tokenizer_path):
+    """Refuse a --tokenizer whose vocabulary or special tokens differ from the teacher's own tokenizer.
+
+    The teacher's own is loaded however it is stored (tokenizer.json; vocab.txt; vocab.json and
+    merges.txt; a SentencePiece model; a hub name in the local cache): the same words in another
+    order give other ids, and a student trained on them is garbage. Only a teacher whose own
+    tokenizer cannot be loaded at all (no tokenizer files, or a format needing a missing package) is
+    taken on trust: then --tokenizer is the only tokenizer there is.
+    """
+    try:
+        own = AutoTokenizer.from_pretrained(teacher_path)
+    except Exception:  # none there, or unreadable: transformers, tokenizers and sentencepiece raise many kinds
+        return
+    if not _has_vocabulary(own):  # a folder without tokenizer files gives an empty tokenizer of its class
+        return
+    own_vocab, theirs = own.get_vocab(), tokenizer.get_vocab()
+    if own_vocab != theirs:
+        token = next(t for t in sorted(set(own_vocab) | set(theirs), key=lambda t: own_vocab.get(t, theirs.get(t)))
+                     if own_vocab.get(t) != theirs.get(t))
+        raise StudentError(f"--tokenizer {tokenizer_path}: its vocabulary differs from the teacher's own tokenizer "
+                           f"({len(theirs)} vs {len(own_vocab)} tokens; {token!r} is id {theirs.get(token)} vs "
+                           f"{own_vocab.get(token)}); drop --tokenizer to use the teacher's")
+    for name in ("mask_token", "cls_token", "sep_token", "pad_token", "unk_token"):
+        if getattr(own, name) is not None and getattr(tokenizer, name) != getattr(own, name):
+            raise StudentError(f"--tokenizer {tokenizer_path}: its {name} is {getattr(tokenizer, name)!r} but the "
+                               f"teacher's own tokenizer's is {getattr(own, name)!r}; drop --tokenizer to use the "
+                               "teacher's")
 
 
 def save_student(student, tokenizer, out_dir):
     """Write the student and its tokenizer so that AutoModelForMaskedLM.from_pretrained(out_dir) loads it.
 
-    Files go to a temporary folder first and are moved in with config.json last, so a crash while
-    saving never leaves a folder that looks like a finished model.
+    Files go to a temporary folder first (OUT/.saving) and are moved in with config.json last, so a
+    crash while saving never leaves a folder that looks like a finished model. Before they are
+    moved, the saved model is loaded back and its logits compared with the student's
+    (check_reloads): if they differ, a StudentError says so and the files stay in OUT/.saving,
+    where no one takes them for a finished model (the run's checkpoints hold the trained weights).
     """
     tmp = os.path.join(out_dir, ".saving")
     os.makedirs(tmp, exist_ok=True)
@@ -363,10 +445,53 @@ def save_student(student, tokenizer, out_dir):
     weights = {k: v for k, v in student.state_dict().items() if not k.startswith("distil_projection.")}
     student.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
+    check_reloads(student, tokenizer, tmp)
     names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
+
+
+def check_reloads(student, tokenizer, folder, atol=1e-4):
+    """Raise a StudentError unless AutoModelForMaskedLM.from_pretrained(folder) computes the student's logits.
+
+    Two sequences, [CLS]/[SEP]-framed: a sentence, and ids spread over the whole vocabulary (every
+    row of the embeddings and the output layer has a chance to show a difference). Both models run
+    in float32 and eval mode on the student's device; the largest difference must be within `atol`
+    times the logits' scale (the attention functions of the two may differ: the trained student may
+    capture attention, the reloaded one uses SDPA). Weights dropped or left at random on reload
+    (ModernBERT's layer-0 LayerNorm) move the logits by far more.
+    """
+    n = min(16, usable_positions(student))
+    ids = tokenizer("The cat sat on the mat, and a bird flew over the house.", add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    spread = [i for i in torch.linspace(0, len(tokenizer) - 1, 4 * n).long().tolist() if i not in special]
+    spread = spread or [tokenizer.cls_token_id]  # (a vocabulary of special tokens alone: any ids will do)
+    rows = [[tokenizer.cls_token_id] + (x * n)[:n - 2] + [tokenizer.sep_token_id] for x in (ids or spread, spread)]
+    input_ids = torch.tensor(rows, device=student.device)
+    try:
+        reloaded = AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32).to(student.device).eval()
+    except Exception as e:
+        raise StudentError(f"the saved student in {folder} does not load ({_first_line(e)}); the trained weights "
+                           "are in the run's checkpoints") from None
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
+            expected = student(input_ids=input_ids).logits.float()
+            got = reloaded(input_ids=input_ids).logits.float()
+    finally:
+        student.train(was_training)
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if not diff <= atol * max(1.0, expected.abs().max().item()):
+        raise StudentError(f"the saved student does not reload as trained: AutoModelForMaskedLM.from_pretrained({folder}) "
+                           f"gives logits up to {diff:.3g} away from the trained student's; the files stay in {folder} "
+                           "and the trained weights in the run's checkpoints; report it with the teacher's name")
+
+
+def _has_vocabulary(tokenizer):
+    """Whether the tokenizer has tokens besides its special ones."""
+    return bool(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens))
 
 
 def _first_line(error):

@@ -295,7 +295,7 @@ BAD_INPUTS = {
     "latin1": ("the caf\u00e9 sat\n".encode("latin-1"), "not UTF-8"),
     "nocolumn": (b"body,label\nthe cat sat,1\n", "no column 'text'"),
     "badjson": (b'{"text": "the cat"}\n{"text": "a dog"}\n{"text": oops}\n', "line 3"),
-    "nofield": (b'{"text": "the cat"}\n{"body": "a dog"}\n', "line 2 has no string field 'text'"),
+    "nofield": (b'{"text": "the cat"}\n{"body": "a dog"}\n', "line 2 has no field 'text' (found: body)"),
     "short": (b"the cat\nthe dog\n", "shorter than --min-tokens"),
     "parquet": (b"PAR1", "unsupported"),
 }
@@ -316,3 +316,103 @@ def test_bad_input_is_one_line_data_error(case, tokenizer, tmp_path):
     # nothing that a later run could take for a finished cache, and no half-written files
     left = [name for name in os.listdir(cache) if not name.endswith(".lock")] if cache.exists() else []
     assert left == [], left
+
+
+# ---- structured input: never a silent merge or drop (issue 12, items 3 and 4) ----------------
+
+def rows_csv(path, rows, header="id,text"):
+    path.write_text(header + "\n" + "".join(row + "\n" for row in rows))
+    return str(path)
+
+
+def read_error(path, tokenizer, tmp_path, **kwargs):
+    with pytest.raises(DataError) as info:
+        load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and os.path.basename(path) in message, message
+    return message
+
+
+@pytest.mark.parametrize("later_rows_quoted", [False, True])
+def test_csv_unclosed_quote_names_its_line(later_rows_quoted, tokenizer, tmp_path):
+    """1000 rows, row 3 (line 4) opens a quote it never closes: it would swallow the rows after it."""
+    rows = [f'{i},"the cat sat {i}"' if later_rows_quoted else f"{i},the cat sat {i}" for i in range(1000)]
+    rows[2] = '2,"the dog ran'
+    message = read_error(rows_csv(tmp_path / "c.csv", rows), tokenizer, tmp_path)
+    assert "line 4: malformed CSV" in message and "quote opened on line 4" in message, message
+    assert ("runs to line 5 " if later_rows_quoted else "runs to line 1001 ") in message, message
+
+
+@pytest.mark.parametrize("rows,header,words", [
+    (["0,the cat", "1,the dog, and a bird", "2,a mat"], "id,text", ["line 3: 3 fields where the header has 2"]),
+    (["0,the cat,1", "1,the dog", "2,a mat,0"], "id,text,label", ["line 3: 2 fields where the header has 3"]),
+    (['0,"the cat" sat', "1,the dog"], "id,text", ["line 2: malformed CSV", "double the quotes"]),
+    (['0,"the cat\nsat on",1,2', "1,the dog,0"], "id,text,label", ["lines 2-3: 4 fields where the header has 3"]),
+    (["0,the cat"], "text,text", ["2 columns are named 'text'"]),
+], ids=["extra field", "missing field", "text after a closing quote", "multi-line record of too many fields",
+        "two text columns"])
+def test_csv_records_with_the_wrong_shape_are_refused(rows, header, words, tokenizer, tmp_path):
+    message = read_error(rows_csv(tmp_path / "c.csv", rows, header), tokenizer, tmp_path)
+    for word in words:
+        assert word in message, message
+
+
+def test_csv_quoted_line_breaks_are_one_document_and_counted(tokenizer, tmp_path):
+    """RFC 4180: a quoted field may hold line breaks (a document of paragraphs) and doubled quotes."""
+    path = rows_csv(tmp_path / "c.csv", ['0,"the cat sat.\n\nthe dog ran."', '1,"the old man said ""hi"""',
+                                         '2,he said "hi" to a bird', "3,", '4,"a mat\non\nthe\nmat"', "5,  "])
+    counts = {}
+    texts = [text for text, _ in data.read_documents(path, counts=counts)]
+    assert texts == ["the cat sat.\n\nthe dog ran.", 'the old man said "hi"', 'he said "hi" to a bird',
+                     "a mat\non\nthe\nmat"]
+    assert counts == {"skipped": 2, "multiline": 2, "longest": (8, 11)}
+    corpus = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
+    assert len(corpus.doc_starts) == 5
+    assert (corpus.meta["n_docs_skipped"], corpus.meta["n_records_multiline"]) == (2, 2)
+    assert data.corpus_note(corpus) == ("c.csv: 4 documents kept; 2 empty or null texts skipped; 2 records span "
+                                        "several lines (quoted line breaks; the longest: lines 8-11)")
+
+
+def test_jsonl_null_and_empty_texts_are_skipped_and_counted(tokenizer, tmp_path):
+    lines = [{"id": 0, "text": "the cat sat"}, {"id": 1, "text": None}, {"id": 2, "text": ""},
+             {"id": 3, "text": "  \n "}, {"id": 4, "text": "the dog ran"}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    corpus = load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)
+    assert corpus.tokens.tolist() == expected_tokens(tokenizer, ["the cat sat", "the dog ran"])
+    assert corpus.meta["n_docs_skipped"] == 3
+    assert data.corpus_note(corpus) == "c.jsonl: 2 documents kept; 3 empty or null texts skipped"
+    # a clean file has nothing to say
+    path.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    assert data.corpus_note(load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)) is None
+    # only nulls: no text at all, and the message says why
+    path.write_text('{"text": null}\n{"text": ""}\n')
+    assert "holds no text (only blank lines or empty fields (2 empty or null texts))" in \
+        read_error(str(path), tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"id": 7, "body": "a dog"}', "line 2 has no field 'text' (found: id, body); pass --text-column"),
+    ("{}", "line 2 has no field 'text' (found: none)"),
+    ('{"text": 5}', "line 2: field 'text' holds a JSON number (5), not a string"),
+    ('{"text": true}', "line 2: field 'text' holds a JSON boolean (true), not a string"),
+    ('{"text": ["the", "cat"]}', "line 2: field 'text' holds a JSON array ([\"the\", \"cat\"]), not a string"),
+    ('{"text": {"en": "cat"}}', "line 2: field 'text' holds a JSON object"),
+    ('["the cat"]', "line 2 holds a JSON array, not an object"),
+    ('"the cat"', "line 2 holds a JSON string, not an object"),
+], ids=["missing field", "empty object", "number", "boolean", "array", "object", "array line", "string line"])
+def test_jsonl_bad_records_name_line_field_and_type(line, words, tokenizer, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "the cat sat"}\n' + line + "\n")
+    assert words in read_error(str(path), tokenizer, tmp_path)
+
+
+def test_train_says_what_reading_skipped(tiny_teacher, tmp_path, capsys):
+    import train
+    path = tmp_path / "c.jsonl"
+    texts = [" ".join((WORDS * 2)[i:i + 12]) for i in range(40)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" + '{"text": null}\n' for t in texts))
+    assert train.main(["--teacher", tiny_teacher, "--train", str(path), "--out", str(tmp_path / "out"),
+                       "--cache-dir", str(tmp_path / "cache"), "--seq-len", "16", "--batch-size", "4",
+                       "--max-steps", "1", "--no-progress", "--dtype", "fp32"]) == 1
+    assert "c.jsonl: 40 documents kept; 40 empty or null texts skipped" in capsys.readouterr().out

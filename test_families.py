@@ -12,6 +12,7 @@ ELECTRA discriminators and DeBERTa-v2 folders without an MLM head, ALBERT's shar
 tokenizer that fails on text are refused in one line.
 """
 
+import copy
 import json
 import os
 import random
@@ -36,8 +37,8 @@ import train
 from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
 from distil import DistilConfig, distil_step
 from heldout import to_device
-from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_student, save_student,
-                     usable_positions)
+from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_narrow_student, make_student,
+                     save_student, usable_positions)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_LAYERS, HIDDEN, HEADS, POSITIONS = 4, 32, 2, 64
@@ -314,6 +315,79 @@ def test_subset_student_saves_and_reloads(family, tmp_path):
     assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
 
 
+def modernbert_teacher(folder):
+    words, make_tokenizer, model_class, make_config = FAMILIES["modernbert"]
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = make_tokenizer(folder, None)
+    torch.manual_seed(0)
+    model_class(make_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_layers_a_family_cannot_hold_in_their_positions_are_refused(tmp_path):
+    """ModernBERT's layer 0 has no attention LayerNorm: teacher layer 1 (which has one) in the
+    student's position 0 would lose it on saving. Refused up front, naming a choice that works."""
+    folder = modernbert_teacher(str(tmp_path / "modernbert"))
+    teacher = load_teacher(folder)
+    for layers, first_bad, works in (([1, 3], "teacher layer 1 in the student's position 0", "0,3"),
+                                     ([2], "teacher layer 2 in the student's position 0", "0"),
+                                     ([0, 2, 1], None, None)):
+        if first_bad is None:
+            make_student(teacher, layers)
+            continue
+        with pytest.raises(StudentError) as info:
+            make_student(teacher, layers)
+        message = str(info.value)
+        assert f"--layers {','.join(map(str, layers))}: ModernBertForMaskedLM cannot hold {first_bad}" in message
+        assert "attn_norm.weight" in message and f"e.g. --layers {works}" in message and "\n" not in message
+        with pytest.raises(StudentError, match="cannot hold"):  # narrower students too
+            make_narrow_student(teacher, layers, hidden_size=HIDDEN // 2, num_heads=1)
+    # train.py refuses before anything is written
+    train_txt = write_lines(str(tmp_path / "train.txt"), sentences(ENGLISH, 50, seed=1))
+    with pytest.raises(StudentError, match="e.g. --layers 0,3"):
+        train.main(["--teacher", folder, "--train", train_txt, "--out", str(tmp_path / "run"), "--layers", "1,3",
+                    "--cache-dir", str(tmp_path / "cache"), "--seq-len", "24"])
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_saved_student_that_does_not_reload_as_trained_is_an_error(tmp_path):
+    """save_student loads what it wrote and compares logits. A ModernBERT student built as the old
+    make_student did (teacher layers 1 and 3, unchecked) reloads without its position-0 LayerNorm:
+    the error says so, and the files stay in OUT/.saving, not where a finished model would be."""
+    folder = modernbert_teacher(str(tmp_path / "modernbert"))
+    teacher, tokenizer = load_teacher(folder), AutoTokenizer.from_pretrained(folder)
+    student = make_student(teacher, [0, 3])
+    with torch.no_grad():  # train the student a little: its weights are no longer the teacher's
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_student(student, tokenizer, str(tmp_path / "good"))
+    reloaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "good")).eval()
+    input_ids, attention_mask = encode(tokenizer, [" ".join(ENGLISH[:12]), " ".join(ENGLISH[5:9])])
+    torch.testing.assert_close(logits(reloaded, input_ids, attention_mask), logits(student.eval(), input_ids,
+                                                                                      attention_mask), rtol=0, atol=0)
+    bad = copy.deepcopy(teacher)
+    layers = encoder_layers(bad)
+    kept = [layers[1], layers[3]]
+    for i in reversed(range(N_LAYERS)):
+        del layers[i]
+    layers.extend(kept)
+    bad.config.num_hidden_layers, bad.config.layer_types = 2, [bad.config.layer_types[i] for i in (1, 3)]
+    bad.train()
+    with torch.no_grad():  # as trained: a LayerNorm of unit weight after the embeddings' own norm changes little
+        for p in bad.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        encoder_layers(bad)[0].attn_norm.weight.mul_(3)
+    out = tmp_path / "bad"
+    with pytest.raises(StudentError) as info:
+        save_student(bad, tokenizer, str(out))
+    message = str(info.value)
+    assert "the saved student does not reload as trained" in message and "\n" not in message
+    assert float(message.split("logits up to ")[1].split(" ")[0]) > 0.01
+    assert not (out / "config.json").exists() and (out / ".saving" / "config.json").exists()
+    assert bad.training  # its mode is left as it was
+
+
 # ---- (c) data, one distillation step, and train.py ----
 
 def test_data_uses_the_tokenizers_own_special_tokens(family, tmp_path):
@@ -346,6 +420,51 @@ def test_data_uses_the_tokenizers_own_special_tokens(family, tmp_path):
     assert not (changed & ~predicted).any()
     new = batch["input_ids"][changed]
     assert ((new == tokenizer.mask_token_id) | ~np.isin(new, list(special))).all()
+
+
+LITERAL_SPECIALS = ["[MASK]", "[PAD]", "[CLS]", "[SEP]", "[UNK]", "<mask>", "<pad>", "<s>", "</s>", "<unk>",
+                    "<s>NOTUSED", "<|endoftext|>"]
+
+
+def test_special_token_strings_in_the_text_are_text(family, tmp_path):
+    """A line that talks about [MASK] or <pad> is text: the only special ids in a sequence are the
+    ones the loader puts there ([CLS]/<s> first, [SEP]/</s> last and between packed documents, the
+    pad id where attention is 0); the unknown token, which stands for text, is the one exception."""
+    tokenizer = family.tokenizer
+    literals = sorted(set(LITERAL_SPECIALS) | set(tokenizer.all_special_tokens))
+    words = FAMILIES[family.name][0]
+    lines = [f"type {token} to hide a word and {' '.join(words[:3])} {token}{words[4]} ({token})" for token in literals]
+    lines += [" ".join(literals), "".join(literals)]
+    path = write_lines(str(tmp_path / "specials.txt"), lines)
+    corpus = load_corpus(path, tokenizer, str(tmp_path / "cache"), min_tokens=1, progress=False)
+    special = np.array(sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}))
+    tokens = np.asarray(corpus.tokens)
+    separators = np.zeros(len(tokens), bool)
+    separators[corpus.doc_starts[1:] - 1] = True
+    assert len(corpus.doc_starts) == len(lines) + 1
+    assert (tokens[separators] == tokenizer.sep_token_id).all()
+    assert not np.isin(tokens[~separators], special).any()
+    # the text is there: more pieces than the words around the special strings
+    assert (np.diff(corpus.doc_starts)[:len(literals)] > 9).all()
+    # in batches: special ids only at the frame, the separators and the padding; padding has attention 0
+    seqs = make_sequences(corpus, 16)
+    original, attention_mask = collate(seqs, np.arange(len(seqs.starts)), tokenizer)
+    batch = make_batch(seqs, np.arange(len(seqs.starts)), tokenizer, mask_spec(tokenizer), seed=0, epoch=0)
+    real = attention_mask.astype(bool)
+    frame = np.zeros_like(real)
+    frame[:, 0] = True
+    frame[np.arange(len(real)), real.sum(1) - 1] = True
+    inner = real & ~frame
+    assert ((original == tokenizer.pad_token_id) == ~real).all()
+    assert (original[inner & np.isin(original, special)] == tokenizer.sep_token_id).all()
+    assert (original[frame & (np.arange(real.shape[1]) == 0)] == tokenizer.cls_token_id).all()
+    # the text's pieces are predicted like any other text; the labels are the original ids
+    predicted = batch["labels"] != -100
+    maskable = inner & ~np.isin(original, list(tokenizer.all_special_ids))  # the unknown token is not masked
+    assert predicted.sum() > 0.1 * maskable.sum() and (batch["labels"][predicted] == original[predicted]).all()
+    assert not np.isin(original[predicted], special).any()
+    # the mask id appears only where a label is
+    assert not ((batch["input_ids"] == tokenizer.mask_token_id) & ~predicted).any()
 
 
 def test_distil_step_gives_finite_losses_and_gradients(family, tmp_path):

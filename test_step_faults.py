@@ -261,3 +261,14 @@ def test_the_kl_block_compiles_whole_and_matches_eager():
         kl_e, grad_e = _kl_block(s[:rows], t[:rows], 2.0)
         torch.testing.assert_close(kl_c, kl_e, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_map_without_the_pairs_a_loss_reads_is_refused_by_the_step(tiny_teacher):
+    teacher = load_teacher(tiny_teacher)
+    student = make_student(teacher, [0, 2])
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match="no such pair"):
+        distil_step(student, teacher, batch, DistilConfig(alpha_attn=1.0, layer_map=((0, 0),)))
+    with pytest.raises(ValueError, match="at least one pair"):
+        distil_step(student, teacher, batch, DistilConfig(alpha_hidden=1.0, layer_map=()))

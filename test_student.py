@@ -2,14 +2,16 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, RobertaConfig,
                           RobertaForMaskedLM)
 
-from student import (StudentError, check_layers, default_layers, encoder_layers, load_teacher, make_student,
-                     save_student, usable_positions)
+from student import (StudentError, check_layers, default_layers, encoder_layers, load_teacher, load_tokenizer,
+                     make_student, save_student, usable_positions)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,119 @@ def test_works_from_structure_for_roberta():
     student = make_student(teacher, [2])
     assert type(student) is RobertaForMaskedLM and len(encoder_layers(student)) == 1
     assert torch.equal(encoder_layers(student)[0].output.dense.weight, encoder_layers(teacher)[2].output.dense.weight)
+
+
+# ---- --tokenizer against the teacher's own, however the teacher's is stored (issue 12, item 5) ----
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+def keep_only(folder, names):
+    """Delete the teacher folder's tokenizer files except `names`."""
+    for name in TOKENIZER_FILES:
+        if name not in names and os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    return folder
+
+
+def swapped_bert_tokenizer(folder, source):
+    """The teacher's vocabulary with 'cat' and 'dog' swapped: the same words, other ids."""
+    from transformers import BertTokenizer
+    os.makedirs(folder)
+    vocab = open(os.path.join(source, "vocab.txt")).read().split("\n")
+    i, j = vocab.index("cat"), vocab.index("dog")
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+    open(os.path.join(folder, "vocab.txt"), "w").write("\n".join(vocab))
+    BertTokenizer(vocab=os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizers(tiny_teacher, tmp_path_factory):
+    """(teacher folder holding tokenizer.json, vocab.txt only, no tokenizer at all; a tokenizer of swapped ids;
+    a copy of the teacher's own tokenizer)."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    folders = {}
+    for name, keep in (("full", TOKENIZER_FILES), ("vocab-txt", ("vocab.txt",)), ("none", ())):
+        folders[name] = keep_only(shutil.copytree(tiny_teacher, root / name), keep)
+    folders["swapped"] = swapped_bert_tokenizer(str(root / "swapped"), tiny_teacher)
+    folders["same"] = keep_only(shutil.copytree(tiny_teacher, root / "same"), ("vocab.txt",))
+    return {k: str(v) for k, v in folders.items()}
+
+
+@pytest.mark.parametrize("stored", ["full", "vocab-txt"])
+def test_tokenizer_of_other_ids_is_refused_however_the_teacher_stores_its_own(stored, teacher, bert_tokenizers):
+    with pytest.raises(StudentError) as info:
+        load_tokenizer(teacher, bert_tokenizers[stored], bert_tokenizers["swapped"])
+    message = str(info.value)
+    assert "its vocabulary differs from the teacher's own tokenizer" in message and "'cat' is id" in message
+    assert "\n" not in message
+    # the teacher's own vocabulary, in another file format, is accepted
+    assert load_tokenizer(teacher, bert_tokenizers[stored], bert_tokenizers["same"]).get_vocab() == \
+        AutoTokenizer.from_pretrained(bert_tokenizers["full"]).get_vocab()
+
+
+def test_teacher_without_tokenizer_files(teacher, bert_tokenizers):
+    """Nothing to compare with: --tokenizer is then the tokenizer; without it, the run is refused
+    (transformers would build the class's tokenizer from nothing: the special tokens alone)."""
+    assert load_tokenizer(teacher, bert_tokenizers["none"], bert_tokenizers["same"]) is not None
+    with pytest.raises(StudentError, match="no tokenizer files there .*pass --tokenizer"):
+        load_tokenizer(teacher, bert_tokenizers["none"])
+
+
+def test_tokenizer_with_other_special_tokens_is_refused(teacher, bert_tokenizers, tmp_path):
+    """Same vocabulary, another token named as the mask: the student would learn to fill a word."""
+    from transformers import BertTokenizer
+    folder = str(tmp_path / "other-mask")
+    BertTokenizer(vocab=os.path.join(bert_tokenizers["full"], "vocab.txt"), mask_token="[UNK]",
+                  unk_token="[MASK]").save_pretrained(folder)
+    with pytest.raises(StudentError, match="its mask_token is '\\[UNK\\]' but the teacher's own tokenizer's is"):
+        load_tokenizer(teacher, bert_tokenizers["full"], folder)
+
+
+def test_byte_bpe_teacher_with_vocab_json_and_merges(tmp_path):
+    """A RoBERTa teacher stored with vocab.json + merges.txt (no tokenizer.json)."""
+    import json
+    from test_families import ENGLISH, byte_bpe_tokenizer, roberta_style, sentences
+    own = byte_bpe_tokenizer(sentences(ENGLISH, 400, seed=3))
+    state = json.loads(own.backend_tokenizer.to_str())
+    vocab, merges = state["model"]["vocab"], state["model"]["merges"]
+    teacher = RobertaForMaskedLM(roberta_style(RobertaConfig, own))
+
+    def folder(name, vocab):  # config.json tells AutoTokenizer the class; the two files hold the tokenizer
+        path = tmp_path / name
+        teacher.config.save_pretrained(path)
+        (path / "vocab.json").write_text(json.dumps(vocab))
+        (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return str(path)
+
+    teacher_dir = folder("teacher", vocab)
+    assert AutoTokenizer.from_pretrained(teacher_dir).get_vocab() == own.get_vocab()  # loads from the two files
+    the, cat = own.convert_tokens_to_ids(["the", "Ġcat"])
+    swapped = {token: {the: cat, cat: the}.get(i, i) for token, i in vocab.items()}
+    other = folder("other", swapped)
+    with pytest.raises(StudentError, match="its vocabulary differs from the teacher's own tokenizer"):
+        load_tokenizer(teacher, teacher_dir, other)
+    assert load_tokenizer(teacher, teacher_dir, folder("same", vocab)).get_vocab() == own.get_vocab()
+
+
+def test_hub_name_teacher_is_checked_too(tiny_teacher, bert_tokenizers, tmp_path):
+    """A teacher named by its hub id, resolved from the local hub cache (offline), as a user who
+    downloaded it before would: its tokenizer is compared like a folder's."""
+    snapshot_dir = tmp_path / "hub" / "models--someone--tiny-bert" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_teacher, snapshot_dir)
+    (tmp_path / "hub" / "models--someone--tiny-bert" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-bert" / "refs" / "main").write_text("0" * 40)
+    script = (f"from student import StudentError, load_teacher, load_tokenizer\n"
+              f"teacher = load_teacher('someone/tiny-bert')\n"
+              f"load_tokenizer(teacher, 'someone/tiny-bert', {bert_tokenizers['same']!r})\n"
+              f"try:\n"
+              f"    load_tokenizer(teacher, 'someone/tiny-bert', {bert_tokenizers['swapped']!r})\n"
+              f"except StudentError as e:\n"
+              f"    print(e)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "its vocabulary differs from the teacher's own tokenizer" in result.stdout, result.stdout

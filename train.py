@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, checkpoint_path, load_latest, lock_out_dir,
                         save_checkpoint, stop_signals, truncate_metrics)
-from data import DataError, MicroBatches, load_corpus, make_sequences, mask_spec, micro_batch_loader
+from data import DataError, MicroBatches, corpus_note, load_corpus, make_sequences, mask_spec, micro_batch_loader
 from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
 from flags import parse_args
 from heldout import masked_lm_sums, perplexity, to_device, valid_batches
@@ -105,7 +105,11 @@ def load_inputs(args, config, master):
                                     progress=master and args.progress)
     corpus = read(args.train)
     seqs = make_sequences(corpus, args.seq_len, args.pack)
-    valid_seqs = make_sequences(read(args.valid), args.seq_len, args.pack) if args.valid else None
+    valid_corpus = read(args.valid) if args.valid else None
+    valid_seqs = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
+    for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+        if note and master:  # what reading skipped (empty or null texts) is said, never silent
+            print(note)
     spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
