@@ -5,7 +5,7 @@
 
 Every row trains the same 3-layer student (layers 0, 2, 5 of the 6-layer teacher) with train.py, on
 the same batches (same seed), for the same number of steps, changing one thing: a loss switched
-off, the initialisation, or the positions KD reads. Each student is then scored by evaluate.py on
+off, the initialisation, or the positions KD reads. Each student is then scored by heldout.py on
 the held-out corpus with fixed masks: masked-LM perplexity, and how often its top-1 prediction at a
 masked position is the teacher's. The last row trains the default (--kd-on masked, cheaper per
 step) for as long, in wall time, as the --kd-on all row took: the better student per second.
@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from data import default_cache_dir, load_corpus, make_sequences
-from evaluate import masked_lm_sums, perplexity, valid_batches
+from heldout import masked_lm_sums, perplexity, valid_batches
 from student import load_teacher, load_tokenizer
 
 ROWS = [  # (name, flags that differ from the full recipe)

@@ -42,6 +42,13 @@ class DataError(ValueError):
     """A corpus that cannot be used: the message names the file and what to do."""
 
 
+def first_line(error):
+    """The first line of an exception's message (its type's name if it has none): what a one-line
+    error quotes of a library's multi-line message. (student.py keeps its own copy: it stands alone.)"""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Reading documents
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +228,7 @@ def open_dataset(path):
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:  # offline, unknown name, missing config: all say the same thing to the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: cannot load it as a Hugging Face dataset ({reason}); offline, run "
+        raise DataError(f"{path}: cannot load it as a Hugging Face dataset ({first_line(e)}); offline, run "
                         "load_dataset(...).save_to_disk(FOLDER) where the Hub is reachable and pass the folder, "
                         "or pass a .txt, .csv or .jsonl file") from None
 

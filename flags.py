@@ -2,8 +2,8 @@
 
 The flags of the DistilBERT recipe default to the released run's values (Sanh et al. 2019): loss
 weights 5/2/1, temperature 2, AdamW 5e-4 with betas (0.9, 0.98) and eps 1e-6, 5% warmup, clipping
-at 5. A --config JSON file sets any of them by flag name ("alpha_kd" or "alpha-kd"); flags given on
-the command line win over the file.
+at 5. A --config file, JSON or YAML (.yaml/.yml, with PyYAML installed), sets any of them by flag
+name ("alpha_kd" or "alpha-kd"); flags given on the command line win over the file.
 """
 
 import argparse
@@ -14,11 +14,46 @@ import sys
 from data import default_cache_dir
 
 
+def read_config(path):
+    """A --config file as a dict of flag values: JSON, or YAML for a .yaml/.yml name (PyYAML, an
+    optional package, is imported only then). Raises SystemExit with one line naming the file, and
+    the line and column of a syntax error."""
+    is_yaml = path.lower().endswith((".yaml", ".yml"))
+    kind = "YAML" if is_yaml else "JSON"
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"error: --config {path}: a YAML config needs PyYAML: pip install pyyaml") from None
+        syntax_error = yaml.YAMLError
+    else:
+        syntax_error = json.JSONDecodeError
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) if is_yaml else json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: --config {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: --config {path}: not UTF-8 text; save it as UTF-8") from None
+    except syntax_error as e:
+        if is_yaml:  # PyYAML counts lines and columns from 0, and its message spans several lines
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or type(e).__name__
+            line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        else:
+            line, column, problem = e.lineno, e.colno, e.msg
+        where = f" at line {line}, column {column}" if line else ""
+        raise SystemExit(f"error: --config {path}: not valid {kind}{where} ({problem})") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: --config {path}: a {'YAML mapping' if is_yaml else 'JSON object'} of flag names "
+                         "and values is expected")
+    return config
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the flags)")
     a = p.add_argument
-    a("--config", help="JSON file of flag values (keys are flag names); flags on the command line win")
+    a("--config", help="JSON or YAML file of flag values (keys are flag names); flags on the command line win")
     # what to distil, on what
     a("--teacher", help="teacher: a hub name or a local folder holding a masked-LM checkpoint")
     a("--tokenizer", help="tokenizer folder, if not the teacher's own")
@@ -96,12 +131,7 @@ def parse_args(argv=None):
 
     pre, _ = p.parse_known_args(argv)
     if pre.config:
-        try:
-            config = json.load(open(pre.config))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --config {pre.config}: cannot read it as JSON ({e})")
-        if not isinstance(config, dict):
-            raise SystemExit(f"error: --config {pre.config}: a JSON object of flag names and values is expected")
+        config = read_config(pre.config)
         known = {action.dest for action in p._actions}
         # a JSON list ("layers": [0, 2, 4], "adam_betas": [0.9, 0.98]) means what its comma form means
         config = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v

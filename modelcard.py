@@ -8,15 +8,20 @@ call to huggingface_hub's own create_repo and upload_folder. huggingface_hub com
 transformers, but is imported only here, only when asked.
 """
 
+import json
 import os
+
+from data import first_line
 
 
 class HubError(RuntimeError):
     """The upload failed; the message says where the student is and how to push it by hand."""
 
 
-def _is_local(name_or_path):
-    return os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+def _is_hub_name(name_or_path):
+    """True for a Hub id (a model, or a dataset's NAME[:CONFIG[:SPLIT]]); False for a file or folder
+    on this machine, or anything written as a path (./x, /x, ~/x), whose name must not be published."""
+    return not (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")))
 
 
 def teacher_card_metadata(teacher_name_or_path):
@@ -25,7 +30,7 @@ def teacher_card_metadata(teacher_name_or_path):
     from huggingface_hub import ModelCard
 
     source = teacher_name_or_path
-    if _is_local(source):
+    if not _is_hub_name(source):
         source = os.path.join(os.path.expanduser(source), "README.md")
         if not os.path.isfile(source):
             return {}
@@ -37,7 +42,11 @@ def teacher_card_metadata(teacher_name_or_path):
 
 def _source_name(source):
     """A corpus as the card names it: a file's name (not the user's local path), or a dataset name."""
-    return os.path.basename(os.path.normpath(source)) if _is_local(source) else source
+    return source if _is_hub_name(source) else os.path.basename(os.path.normpath(source))
+
+
+def _and(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_ppl, teacher_ppl):
@@ -51,34 +60,45 @@ def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_
     from huggingface_hub import ModelCardData
 
     teacher_name = run["teacher"]
-    local_teacher = _is_local(teacher_name)
+    local_teacher = not _is_hub_name(teacher_name)
     known = teacher_card_metadata(teacher_name)
     language = run.get("language") or known.get("language")
     if isinstance(language, str) and "," in language:
         language = [code.strip() for code in language.split(",") if code.strip()]
-    hub_datasets = sorted({src.split(":")[0] for src, _ in corpora.values() if src and not _is_local(src)})
+    hub_datasets = sorted({src.split(":")[0] for src, _ in corpora.values() if src and _is_hub_name(src)})
+    def n_params(model):
+        n = sum(p.numel() for p in model.parameters())
+        return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+    kd_on = "every non-padding position" if run["kd_on"] == "all" else "the masked positions only"
+    layer_map = f" (teacher:student layers {run['layer_map']})" if run.get("layer_map") else ""
+    # (weight, name, definition, what of the teacher's it makes the student reproduce): only the
+    # terms that were on are described, so a card never claims what its run did not do.
+    terms = [(w, name, what, aim) for w, name, what, aim in [
+        (run["alpha_kd"], "KD", f"T²·KL(softmax(teacher/T) ‖ softmax(student/T)) at temperature "
+                                f"T = {run['temperature']:g}, over {kd_on}", "the teacher's output distribution"),
+        (run["alpha_mlm"], "MLM", "cross-entropy against the true tokens at the masked positions", None),
+        (run["alpha_cos"], "COS", "1 − cosine between the last hidden states", "the teacher's last hidden states"),
+        (run["alpha_mse"], "MSE", f"squared error between the logits, over {kd_on}", "the teacher's logits"),
+        (run.get("alpha_hidden", 0), "HIDDEN", f"{run.get('hidden_loss', 'mse')} between hidden states{layer_map}",
+         "the teacher's intermediate hidden states"),
+        (run.get("alpha_attn", 0), "ATTN", f"{run.get('attn_loss', 'kl')} between attention maps{layer_map}",
+         "the teacher's attention maps"),
+        (run.get("alpha_relation", 0), "RELATION", f"MiniLMv2 query/key/value relations{layer_map}",
+         "the teacher's self-attention relations")] if w > 0]
+    loss = " + ".join(f"{w:g}·{name}" for w, name, _, _ in terms) + ", where " + "; ".join(
+        f"{name} = {what}" for _, name, what, _ in terms)
+    aims = [aim for _, _, _, aim in terms if aim]
+    task = "the masked-language-modelling task" if run["alpha_mlm"] > 0 else ""
+    distilled = bool(aims)
     header = ModelCardData(
         library_name="transformers", pipeline_tag="fill-mask",
         # The Hub reads base_model as a Hub model id: a local folder's path would be a broken link.
         base_model=None if local_teacher else teacher_name,
         language=language, license=known.get("license"), datasets=hub_datasets or None,
-        tags=["distillation", "distilbert-recipe", teacher.config.model_type])
+        tags=(["distillation"] if distilled else []) + (["distilbert-recipe"] if run["alpha_kd"] > 0 else [])
+        + [teacher.config.model_type])
 
-    def n_params(model):
-        n = sum(p.numel() for p in model.parameters())
-        return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-    weights = [(run["alpha_kd"], "KD"), (run["alpha_mlm"], "MLM"), (run["alpha_cos"], "COS"), (run["alpha_mse"], "MSE"),
-               (run.get("alpha_hidden", 0), "HIDDEN"), (run.get("alpha_attn", 0), "ATTN"),
-               (run.get("alpha_relation", 0), "RELATION")]
-    loss = " + ".join(f"{w:g}·{name}" for w, name in weights if w > 0)
-    intermediate = [f"{name} = {what}" for w, name, what in [  # the intermediate-layer losses, if any
-        (run.get("alpha_hidden", 0), "HIDDEN", f"{run.get('hidden_loss', 'mse')} between hidden states"),
-        (run.get("alpha_attn", 0), "ATTN", f"{run.get('attn_loss', 'kl')} between attention maps"),
-        (run.get("alpha_relation", 0), "RELATION", "MiniLMv2 query/key/value relations")] if w > 0]
-    intermediate = "" if not intermediate else "; " + ", ".join(intermediate) + (
-        f" (teacher:student layers {run['layer_map']})" if run.get("layer_map") else "")
-    kd_on = "every non-padding position" if run["kd_on"] == "all" else "the masked positions only"
     init = (f"teacher layers {', '.join(map(str, layers))} (of {teacher.config.num_hidden_layers}), with the "
             "teacher's embeddings and masked-LM head" if run.get("student_init", "teacher") == "teacher"
             else f"random weights in the shape of {len(layers)} teacher layers (no teacher initialisation)")
@@ -91,15 +111,24 @@ def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_
     ppl_note = "" if valid_ppl is None else (
         "\nPerplexity is exp(mean cross-entropy) at 15% uniformly masked positions of the validation set,\n"
         "with masks fixed by a constant seed, so it compares across runs.\n")
+    if distilled:
+        recipe = " with the DistilBERT recipe (Sanh et al., 2019)" if run["alpha_kd"] > 0 else ""
+        summary = (f"A {len(layers)}-layer student distilled from {teacher_ref}{recipe}: it was trained to "
+                   f"reproduce {_and(aims)}{' while learning ' + task if task else ''}.")
+        columns = "teacher | student"
+    else:
+        summary = (f"A {len(layers)}-layer model made from {teacher_ref} and trained on {task} alone: no "
+                   "distillation loss was on, so it never saw the teacher's outputs (the teacher lent its "
+                   f"{'layers' if run.get('student_init', 'teacher') == 'teacher' else 'shape'} and is the "
+                   "reference in the table).")
+        columns = "teacher (source) | this model"
     name = run.get("push_to_hub") or os.path.basename(os.path.normpath(run["out"]))
     body = f"""
 # {name.split("/")[-1]}
 
-A {len(layers)}-layer student distilled from {teacher_ref} with the DistilBERT recipe
-(Sanh et al., 2019): it was trained to reproduce the teacher's output distribution and hidden
-states while learning the masked-language-modelling task.
+{summary}
 
-| | teacher | student |
+| | {columns} |
 |---|---|---|
 | layers | {teacher.config.num_hidden_layers} | {len(layers)} |
 | hidden size | {teacher.config.hidden_size} | {student.config.hidden_size} |
@@ -108,10 +137,8 @@ states while learning the masked-language-modelling task.
 
 ## Training
 
-- Student initialised from {init}.
-- Loss = {loss}, where KD = T²·KL(softmax(teacher/T) ‖ softmax(student/T)) at temperature
-  T = {run['temperature']:g}, over {kd_on}; MLM = cross-entropy at the masked positions, COS = 1 − cosine
-  between the last hidden states{', MSE = squared error between the logits' if run['alpha_mse'] > 0 else ''}{intermediate}.
+- {'Student initialised' if distilled else 'Initialised'} from {init}.
+- Loss = {loss}.
 - Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% {mask_token}, 10% random, 10% unchanged){smoothing}.
 - {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run['seq_len']} tokens
   ({'packed' if run.get('pack', True) else 'one document each'}); AdamW, peak learning rate {run['lr']:g},
@@ -147,25 +174,54 @@ def write_model_card(out_dir, run, teacher, student, mask_token, layers, steps, 
     return path
 
 
-# What a training run leaves in OUT that does not belong in a model repository.
-NOT_PUBLISHED = ["checkpoints/*", ".saving/*", "wandb/*", "wandb-run-id"]
+# What a training run leaves in OUT that does not belong in a model repository: the checkpoints
+# (training state: optimizer moments and the run's settings, several times the model's size, for
+# --resume on this machine), the lock, the folder of an interrupted save, W&B's local files; and
+# run.json, which is uploaded as a copy without local paths (public_run_config).
+NOT_PUBLISHED = ("checkpoints", ".saving", "wandb", "wandb-run-id", ".lock", "run.json")
+
+
+def public_run_config(run):
+    """run.json as published: each local path (teacher, corpora, --out, --cache-dir, --config...)
+    reduced to its last component, as the model card names them; Hub names are kept."""
+    return {key: os.path.basename(os.path.normpath(value)) if isinstance(value, str) and value
+            and not _is_hub_name(value) else value for key, value in run.items()}
+
+
+def upload_plan(out_dir):
+    """What --push-to-hub uploads: a sorted list of (path in the repository, local file path or
+    bytes). Every file under out_dir except NOT_PUBLISHED, and run.json with local paths removed."""
+    plan = []
+    for folder, subfolders, files in os.walk(out_dir):
+        relative = os.path.relpath(folder, out_dir)
+        subfolders[:] = [d for d in subfolders if os.path.normpath(os.path.join(relative, d)) not in NOT_PUBLISHED]
+        for name in files:
+            path_in_repo = os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/")
+            if path_in_repo not in NOT_PUBLISHED and not name.endswith(".tmp"):
+                plan.append((path_in_repo, os.path.join(folder, name)))
+    run_json = os.path.join(out_dir, "run.json")
+    if os.path.isfile(run_json):
+        with open(run_json, encoding="utf-8") as f:
+            plan.append(("run.json", json.dumps(public_run_config(json.load(f)), indent=1).encode()))
+    return sorted(plan, key=lambda item: item[0])
 
 
 def push_to_hub(out_dir, repo_id):
-    """Create (if needed) the Hub model repository `repo_id` and upload the student's folder to it:
-    weights, tokenizer, README.md, metrics.jsonl, run.json and the TensorBoard logs (the Hub shows
-    them as training metrics), not the checkpoints. Returns the repository's URL."""
+    """Create (if needed) the Hub model repository `repo_id` and upload the student's folder to it in
+    one commit: weights, tokenizer, README.md, metrics.jsonl, run.json without local paths and the
+    TensorBoard logs (the Hub shows them as training metrics); see upload_plan. Returns the
+    repository's URL. Raises HubError (one line) if huggingface_hub is missing or the upload fails."""
     try:
-        from huggingface_hub import create_repo, upload_folder
+        from huggingface_hub import CommitOperationAdd, create_commit, create_repo
     except ImportError:
         raise HubError("--push-to-hub needs the huggingface_hub package: pip install huggingface_hub") from None
     try:
         url = create_repo(repo_id, exist_ok=True)
-        upload_folder(repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_PUBLISHED,
+        create_commit(repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source)
+                                for name, source in upload_plan(out_dir)],
                       commit_message="Distilled student from bert-distil")
         return url
     except Exception as e:  # no token, offline, no rights: the student is saved, say how to push it later
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HubError(f"--push-to-hub {repo_id}: upload failed ({reason}); the student is saved in {out_dir}; "
+        raise HubError(f"--push-to-hub {repo_id}: upload failed ({first_line(e)}); the student is saved in {out_dir}; "
                        f"log in with `hf auth login`, then run: hf upload {repo_id} {out_dir} "
-                       "--exclude 'checkpoints/*'") from None
+                       "--exclude 'checkpoints/*' --exclude .lock --exclude run.json") from None

@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 
-LOSS_TERMS = ("loss", "kd", "mlm", "cos", "mse")
+# The loss terms train.py can log, for a run folder without run.json.
+KNOWN_TERMS = ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
 
 
 def read_metrics(out_dir):
@@ -27,7 +28,30 @@ def series(records, name):
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot(out_dirs, png_path):
+def read_run(out_dir):
+    """The run's settings (OUT/run.json), or None when the folder has none."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def loss_terms(records, run=None):
+    """The loss terms a run logged: "loss" (their weighted sum), then each key of the training
+    records that is weighted by an --alpha-KEY in the run's settings, in the order logged. So every
+    term that was on is drawn, a new one included, and no rate or count (lr, tokens_per_s, ...)
+    is. Without the settings, the terms train.py knows (KNOWN_TERMS)."""
+    weighted = KNOWN_TERMS if run is None else {k[len("alpha_"):] for k in run if k.startswith("alpha_")}
+    names = []
+    for record in records:
+        if "loss" in record:
+            names += [k for k, v in record.items() if k in weighted and k not in names and isinstance(v, (int, float))]
+    return (["loss"] if any("loss" in r for r in records) else []) + names
+
+
+def figure(out_dirs):
+    """The matplotlib figure of one or more runs: loss terms (left), perplexities (right)."""
     try:
         import matplotlib
     except ImportError:
@@ -40,7 +64,7 @@ def plot(out_dirs, png_path):
     for out_dir in out_dirs:
         records = read_metrics(out_dir)
         prefix = f"{os.path.basename(os.path.normpath(out_dir))}: " if len(out_dirs) > 1 else ""
-        for name in LOSS_TERMS:
+        for name in loss_terms(records, read_run(out_dir)):
             steps, values = series(records, name)
             if steps:
                 ax_loss.plot(steps, values, label=prefix + name, lw=2 if name == "loss" else 1)
@@ -60,6 +84,14 @@ def plot(out_dirs, png_path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(out_dirs, png_path):
+    """Draw the runs in `out_dirs` into `png_path` (1200 x 450 pixels); returns the path."""
+    fig = figure(out_dirs)  # imports matplotlib, or says how to install it
+    import matplotlib.pyplot as plt
+
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path

@@ -307,13 +307,15 @@ def usable_positions(model):
     return config.max_position_embeddings - offset
 
 
-def _is_local(name_or_path):
+def _means_local_folder(name_or_path):
+    """True when the user means a folder on this machine, not a hub id: an existing folder, or a
+    string written as a path (./x, /x, ~/x), which is then a missing folder."""
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
 
 
 def load_teacher(name_or_path):
     """The teacher as a float32 masked LM in eval mode, frozen; a one-line StudentError if it cannot be one."""
-    if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+    if _means_local_folder(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise StudentError(f"--teacher {name_or_path}: no such folder; pass a folder holding config.json "
                            "and the weights, or a Hugging Face hub name")
     if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
@@ -323,7 +325,7 @@ def load_teacher(name_or_path):
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        if _is_local(name_or_path):
+        if _means_local_folder(name_or_path):
             raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder ({_first_line(e)})")
         raise StudentError(f"--teacher {name_or_path}: cannot download it from the hub ({_first_line(e)}); "
                            "offline, pass a local folder with --teacher /path/to/model") from None

@@ -153,6 +153,24 @@ def test_plot_writes_a_png_of_the_run(tiny_run):
     assert pixels[..., :3].std() > 0.05  # curves and text, not a blank canvas
 
 
+def test_plot_draws_every_loss_term_the_run_logged(tiny_teacher, tiny_corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "all-terms")  # a real run with every loss on: the intermediate ones too
+    train.main(["--teacher", tiny_teacher, "--train", tiny_corpus[0], "--out", out, "--cache-dir", str(tmp_path / "cache"),
+                "--seq-len", "32", "--batch-size", "8", "--max-steps", "2", "--log-every", "1", "--layers", "0,3",
+                "--alpha-mse", "1", "--alpha-hidden", "1", "--alpha-attn", "1", "--alpha-relation", "1", "--no-progress"])
+    logged = set(read_jsonl(os.path.join(out, "metrics.jsonl"))[-1])
+    assert {"kd", "mlm", "cos", "mse", "hidden", "attn", "relation"} <= logged
+    fig = plot.figure([out])
+    drawn = fig.axes[0].get_legend_handles_labels()[1]
+    assert drawn == ["loss", "kd", "mlm", "cos", "mse", "hidden", "attn", "relation"]
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert set(records[-1]) - set(drawn) >= {"lr", "grad_norm", "tokens_per_s", "skipped_steps"}  # no rate or count
+    assert plot.loss_terms(records) == drawn  # without run.json: the terms train.py knows
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert plot.loss_terms([{**records[-1], "distil_new": 0.5}], {**run, "alpha_distil_new": 1.0}) == drawn + ["distil_new"]
+
+
 def test_plot_without_matplotlib_or_metrics_says_what_to_do(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no such file; pass the --out folder"):
         plot.main([str(tmp_path)])
@@ -228,7 +246,54 @@ def test_model_card_takes_language_and_license_from_the_teacher_card_or_the_flag
     assert "(teacher:student layers 0:0,3:1)" in body
 
 
+def test_model_card_of_an_mlm_only_run_claims_no_distillation(tiny_teacher, tiny_corpus, tmp_path):
+    """make_teacher.py's full recipe is such a run: train.py with every distillation loss off."""
+    out = str(tmp_path / "mlm-only")
+    train.main(["--teacher", tiny_teacher, "--train", tiny_corpus[0], "--valid", tiny_corpus[1], "--out", out,
+                "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "8", "--max-steps", "2",
+                "--layers", "0,1,2,3", "--alpha-kd", "0", "--alpha-cos", "0", "--alpha-mlm", "1", "--no-progress"])
+    header, body = front_matter(open(os.path.join(out, "README.md"), encoding="utf-8").read())
+    assert "distillation" not in header["tags"] and "distilbert-recipe" not in header["tags"]
+    assert "Loss = 1·MLM, where MLM = cross-entropy against the true tokens at the masked positions." in body
+    assert "trained on the masked-language-modelling task alone: no distillation loss was on" in body
+    for claim in ("distilled from", "DistilBERT recipe", "distribution", "hidden states", "KD", "COS", "T²"):
+        assert claim not in body, claim
+
+
+def test_model_card_names_only_the_losses_that_were_on(tiny_run, tiny_teacher):
+    from student import load_teacher
+    run = json.load(open(os.path.join(tiny_run, "run.json")))
+    args = (load_teacher(tiny_teacher), load_teacher(tiny_run), "[MASK]", [0, 3], 12, {"train": (run["train"], 10)},
+            None, None)
+    _, body = front_matter(modelcard.model_card({**run, "alpha_mlm": 0.0, "alpha_cos": 0.0}, *args))
+    assert "Loss = 5·KD, where KD = T²·KL" in body and "MLM" not in body and "COS" not in body
+    assert "reproduce the teacher's output distribution." in body and "hidden states" not in body
+    header, body = front_matter(modelcard.model_card({**run, "alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_relation": 1.0}, *args))
+    assert "Loss = 1·COS + 1·RELATION, where COS = 1 − cosine" in body and "KD" not in body
+    assert "reproduce the teacher's last hidden states and the teacher's self-attention relations." in body
+    assert "distillation" in header["tags"] and "distilbert-recipe" not in header["tags"]
+
+
 # ---- the Hub -------------------------------------------------------------------------------
+
+def test_hub_upload_leaves_out_local_paths_the_lock_and_the_checkpoints(tiny_run):
+    assert os.path.isfile(os.path.join(tiny_run, ".lock")) and os.listdir(os.path.join(tiny_run, "checkpoints"))
+    plan = dict(modelcard.upload_plan(tiny_run))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.jsonl", "run.json"} <= set(plan)
+    assert not [name for name in plan if name == ".lock" or name.startswith(("checkpoints/", "wandb"))]
+    published = json.loads(plan["run.json"])
+    local = json.load(open(os.path.join(tiny_run, "run.json")))
+    assert set(published) == set(local)
+    assert published["train"] == "train.txt" and published["teacher"] == os.path.basename(local["teacher"])
+    assert published["lr"] == local["lr"] and published["layers"] == local["layers"]
+    text = plan["run.json"].decode()
+    for key in ("teacher", "train", "valid", "out", "cache_dir"):
+        assert os.path.dirname(os.path.normpath(local[key])) not in text, key  # no local folder is named
+    for name, source in plan.items():  # every other entry is the run's own file
+        assert name == "run.json" or source == os.path.join(tiny_run, *name.split("/"))
+    hub = modelcard.public_run_config({"teacher": "bert-base-uncased", "train": "wikitext:wikitext-103-raw-v1"})
+    assert hub == {"teacher": "bert-base-uncased", "train": "wikitext:wikitext-103-raw-v1"}  # Hub names stay
+
 
 def test_push_to_hub_offline_fails_in_one_line_and_keeps_the_student(tiny_run, monkeypatch):
     import huggingface_hub.constants
@@ -345,6 +410,67 @@ def test_shipped_configs_are_complete_recipes():
         assert args.teacher == teacher and args.layers == "0,2,4,7,9,11" and args.seq_len == 512
         assert (args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.temperature) == (5.0, 2.0, 1.0, 2.0)
         assert args.batch_size * args.grad_accum * 8 == 4096, name  # the recipe's step on one 8-GPU node
+
+
+def test_yaml_config_sets_flags_as_its_json_twin_does(tmp_path, monkeypatch):
+    pytest.importorskip("yaml")
+    recipe = {"teacher": "bert-base-uncased", "layers": [0, 2, 4], "alpha_kd": 5.0, "alpha-mlm": 2,
+              "adam_betas": [0.9, 0.98], "lr": 0.0005, "pack": False, "kd_on": "all"}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    (tmp_path / "recipe.yaml").write_text(
+        "# the DistilBERT recipe, in YAML\nteacher: bert-base-uncased\nlayers: [0, 2, 4]\nalpha_kd: 5.0\n"
+        "alpha-mlm: 2\nadam_betas: [0.9, 0.98]\nlr: 5e-4  # YAML 1.1 reads this as a string: argparse converts it\n"
+        "pack: false\nkd_on: all\n")
+    rest = ["--train", "x.txt", "--out", "o"]
+    from_yaml = train.parse_args(["--config", str(tmp_path / "recipe.yaml"), *rest])
+    from_json = train.parse_args(["--config", str(tmp_path / "recipe.json"), *rest])
+    assert vars(from_yaml) == {**vars(from_json), "config": str(tmp_path / "recipe.yaml")}
+    assert (from_yaml.layers, from_yaml.adam_betas, from_yaml.lr, from_yaml.pack) == ("0,2,4", "0.9,0.98", 5e-4, False)
+    assert train.parse_args(["--config", str(tmp_path / "recipe.yaml"), "--lr", "1e-3", *rest]).lr == 1e-3
+
+    (tmp_path / "bad.yml").write_text("teacher: bert-base-uncased\nlayers: [0, 2\nlr: 1\n")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--config", str(tmp_path / "bad.yml"), *rest])
+    assert single_line(e.value).startswith(f"error: --config {tmp_path / 'bad.yml'}: not valid YAML at line 3, column")
+    (tmp_path / "list.yaml").write_text("- teacher\n- bert\n")
+    with pytest.raises(SystemExit, match="a YAML mapping of flag names and values is expected"):
+        train.parse_args(["--config", str(tmp_path / "list.yaml"), *rest])
+    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML missing: one line that says how to get it
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--config", str(tmp_path / "recipe.yaml"), *rest])
+    assert single_line(e.value) == f"error: --config {tmp_path / 'recipe.yaml'}: a YAML config needs PyYAML: pip install pyyaml"
+    assert train.parse_args(["--config", str(tmp_path / "recipe.json"), *rest]).layers == "0,2,4"  # JSON needs none
+
+
+# ---- no module shadows a package used beside the project -----------------------------------
+
+# Packages people import in a script or notebook next to this project (import names).
+COMMON_PACKAGES = {
+    "evaluate", "datasets", "transformers", "tokenizers", "accelerate", "peft", "trl", "optimum", "torch",
+    "torchvision", "torchaudio", "numpy", "scipy", "pandas", "sklearn", "matplotlib", "seaborn", "plotly", "tqdm",
+    "yaml", "wandb", "tensorboard", "mlflow", "huggingface_hub", "safetensors", "sentence_transformers",
+    "sentencepiece", "nltk", "spacy", "deepspeed", "lightning", "pytorch_lightning", "catalyst", "einops", "onnx",
+    "onnxruntime", "bitsandbytes", "triton", "pytest", "IPython", "jupyter", "requests", "rich", "hydra",
+    "omegaconf", "fire", "absl", "ray", "pyarrow", "regex", "jieba", "faiss", "xformers", "flash_attn", "apex",
+}
+
+
+def test_no_project_module_shadows_a_package_used_beside_it(tmp_path):
+    root = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(name[:-3] for name in os.listdir(root) if name.endswith(".py"))
+    names += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py")))
+    assert "heldout" in names and not set(names) & COMMON_PACKAGES, set(names) & COMMON_PACKAGES
+    # Nor any module installed here (the standard library included), looked up from outside the project.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    import subprocess
+    found = subprocess.run([sys.executable, "-c", "import importlib.util, sys\n"
+                            "print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n)))", *names],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert found == [], f"project modules that hide an installed module: {found}"
+    # `import evaluate` run from the project folder gets Hugging Face's evaluate, or nothing at all.
+    run = subprocess.run([sys.executable, "-c", "import evaluate; print(evaluate.__file__)"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert not run.stdout.strip().startswith(root), run.stdout
 
 
 # ---- downstream ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM,
 import train
 from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
 from distil import DistilConfig, distil_step
-from evaluate import to_device
+from heldout import to_device
 from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_narrow_student, make_student,
                      save_student, usable_positions)
 

@@ -28,8 +28,8 @@ from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_s
 from data import (DataError, MicroBatches, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec,
                   micro_batch_loader)
 from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
-from evaluate import masked_lm_sums, perplexity, to_device, valid_batches
 from flags import parse_args
+from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card
 from precision import DTYPES, autocast_for, pick_dtype

@@ -1,6 +1,6 @@
 """Evaluate a distilled student against its teacher: perplexity, agreement, size and speed.
 
-    python evaluate.py STUDENT_DIR --teacher TEACHER --valid valid.txt
+    python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.txt
 
 prints the held-out masked-LM perplexity of both models, how often the student's top-1 prediction
 at a masked position is the teacher's, their parameter counts, and the student's inference speed-up
