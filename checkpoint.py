@@ -25,7 +25,7 @@ CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 # records the global batch itself, which must match), not what is computed.
 FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
-              "grad_accum", "world_size", "out", "compile", "dtype_requested", "dtype_reason",
+              "grad_accum", "world_size", "out", "compile", "num_workers", "dtype_requested", "dtype_reason",
               "train_corpus"}  # the last: compared by check_same_corpus once the corpus is loaded
 
 

@@ -231,7 +231,7 @@ def test_resume_with_other_settings_names_the_keys(base, finished_run, tmp_path,
 def test_resume_may_change_the_cadence(base, finished_run, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(finished_run, out)
-    cadence = dict(eval_every=7, save_every=9, log_every=3, keep=1, max_bad_steps=2)
+    cadence = dict(eval_every=7, save_every=9, log_every=3, keep=1, max_bad_steps=2, num_workers=1)
     assert train.main(flags(base, out=out, max_steps=2, resume=True, **cadence)) == 2
 
 
