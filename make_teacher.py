@@ -41,6 +41,7 @@ import train
 from data import default_cache_dir, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
 from distil import forward_at_rows
 from heldout import masked_lm_sums, perplexity, to_device, valid_batches
+from precision import DTYPES, autocast_for, pick_dtype
 
 QUICK_ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "minilm-l6-quick.safetensors")
 
@@ -137,8 +138,8 @@ def make_quick_teacher(args, source):
     model = fresh_masked_lm(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if args.retrain:
-        dtype = train.pick_dtype(args.dtype, torch.device("cpu"))
-        autocast = lambda: torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        dtype = DTYPES[pick_dtype(args.dtype, torch.device("cpu"))[0]]
+        autocast = autocast_for(torch.device("cpu"), dtype)
         seqs = make_sequences(load_corpus(args.train, tokenizer, default_cache_dir()), 128)
         start = time.time()
         train_quick(model, seqs, tokenizer, args, autocast)
