@@ -96,7 +96,8 @@ def kd_loss_autograd(student_logits, teacher_logits, temperature=2.0, denominato
 def full_vocab_forward(model, input_ids, attention_mask, rows, output_hidden_states):
     """forward_at_rows without the row selection: logits everywhere, rows picked afterwards."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
-    return out.logits[rows], out.hidden_states
+    logits = out.logits.flatten(0, 1)
+    return (logits if rows is None else logits.index_select(0, rows)), out.hidden_states
 
 
 def textbook_step(student, teacher, batch, cfg, denominators=None):

@@ -116,10 +116,10 @@ def train_quick(model, seqs, tokenizer, args, autocast):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min((step + 1) / warmup, (args.steps - step) / max(1, args.steps - warmup))
         batch = to_device(make_batch(seqs, batches.pop(), tokenizer, spec, args.seed, epoch), "cpu")
-        rows = batch["labels"] != -100
+        attention_mask = batch["attention_mask"] if batch["padded"] else None
         with autocast():  # the vocabulary projection at the masked positions only, as train.py does
-            logits, _ = forward_at_rows(model, batch["input_ids"], batch["attention_mask"], rows, False)
-        loss = F.cross_entropy(logits.float(), batch["labels"][rows])
+            logits, _ = forward_at_rows(model, batch["input_ids"], attention_mask, batch["masked_rows"], False)
+        loss = F.cross_entropy(logits.float(), batch["masked_labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
