@@ -27,9 +27,12 @@ def _rows(x):
 
 
 def _per_row_mean(total, denominator, rows):
-    """total / denominator (default: the number of rows), with 0 rows giving 0, not NaN."""
+    """total / denominator (default: the number of rows), with 0 rows giving 0, not NaN. Only 0 is
+    replaced: a loop dividing a global count by its number of ranks may pass fractions below 1."""
     n = rows if denominator is None else denominator
-    return total / (n.clamp(min=1) if torch.is_tensor(n) else max(n, 1))
+    if torch.is_tensor(n):
+        return total / torch.where(n > 0, n, torch.ones_like(n))
+    return total / (n if n > 0 else 1)
 
 
 def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):

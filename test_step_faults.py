@@ -50,6 +50,13 @@ def test_every_loss_of_zero_rows_is_zero_with_a_gradient(loss, denominator):
     assert value.item() == 0.0 and s.grad.shape == (0, 7)
 
 
+def test_a_denominator_below_one_is_kept():
+    # one masked row over two ranks: each rank divides by 1 / 2, and DDP's average makes it 1
+    s, t = torch.randn(1, 5), torch.randn(1, 5)
+    assert kd_loss(s, t, 2.0, denominator=0.5).item() == pytest.approx(2 * kd_loss(s, t, 2.0).item(), rel=1e-6)
+    assert mse_loss(s, t, denominator=torch.tensor(0.5)).item() == pytest.approx(2 * mse_loss(s, t).item(), rel=1e-6)
+
+
 def test_a_denominator_of_zero_counts_as_one():
     s = torch.zeros(0, 5)
     assert kd_loss(s, s, 2.0, denominator=0).item() == 0.0
