@@ -130,6 +130,13 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def at_rows(x, rows):
+    """(B, L, ...) -> (len(rows), ...): the positions at `rows` (flat int64 indices into the B * L
+    positions, gathered with index_select), or all of them, flattened, when rows is None."""
+    flat = x.flatten(0, 1)
+    return flat if rows is None else flat.index_select(0, rows)
+
+
 def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states):
     """Run a masked LM, projecting onto the vocabulary only at `rows` (int64 flat indices into the
     B * L positions, or None for all of them).
@@ -141,8 +148,7 @@ def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states
     Returns the logits, shape (len(rows), V), and the hidden states (or None).
     """
     def keep_rows(module, args, output):
-        flat = output.last_hidden_state.flatten(0, 1)
-        output.last_hidden_state = flat if rows is None else flat.index_select(0, rows)
+        output.last_hidden_state = at_rows(output.last_hidden_state, rows)
         return output
 
     handle = unwrap(model).base_model.register_forward_hook(keep_rows)
@@ -257,10 +263,7 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     student_logits, student_hidden = forward_at_rows(student, input_ids, attention_mask, student_rows,
                                                      cfg.needs_hidden_states())
 
-    def at_real(hidden):  # (B, L, D) -> (real rows, D)
-        flat = hidden.flatten(0, 1)
-        return flat if real_rows is None else flat.index_select(0, real_rows)
-
+    at_real = lambda hidden: at_rows(hidden, real_rows)  # (B, L, D) -> (real rows, D)
     n_real = denominators["cos"]
     # A student narrower than its teacher compares hidden states through a learned projection.
     projection = getattr(unwrap(student), "distil_projection", None)
@@ -269,11 +272,8 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     if cfg.alpha_kd > 0:
         terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"])
     if cfg.alpha_mlm > 0:
-        masked_logits = student_logits
-        if logits_at_real and real_rows is not None:  # the masked rows among the real ones
-            masked_logits = student_logits.index_select(0, batch["masked_in_real"])
-        elif logits_at_real:  # every position: the masked ones are at their own flat index
-            masked_logits = student_logits.index_select(0, batch["masked_rows"])
+        # logits at the real rows: the masked ones among them (without padding, at their own flat index)
+        masked_logits = student_logits.index_select(0, batch["masked_in_real"]) if logits_at_real else student_logits
         terms["mlm"] = mlm_loss(masked_logits, batch["masked_labels"], denominators["mlm"])
     if cfg.alpha_cos > 0:
         terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real)
@@ -291,9 +291,8 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
         student_qkv, teacher_qkv = captured(student, s), captured(teacher, t)
         n_heads = cfg.relation_heads or student_qkv["query"].shape[1]
         merge = lambda x: x.transpose(1, 2).flatten(2)  # (B, heads, L, d) -> (B, L, heads * d)
-        everywhere = torch.arange(input_ids.numel(), device=input_ids.device) if real_rows is None else real_rows
         terms["relation"] = sum(relation_loss(merge(student_qkv[k]), merge(teacher_qkv[k]), attention_mask, n_heads,
-                                              n_real * n_heads, everywhere) for k in ("query", "key", "value"))
+                                              n_real * n_heads, real_rows) for k in ("query", "key", "value"))
     weights = {"kd": cfg.alpha_kd, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos, "mse": cfg.alpha_mse,
                "hidden": cfg.alpha_hidden, "attn": cfg.alpha_attn, "relation": cfg.alpha_relation}
     total = sum(weights[name] * value for name, value in terms.items())
@@ -332,9 +331,7 @@ def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, 
         raise ValueError(f"attention losses need the same number of heads in teacher and student "
                          f"({teacher_att['scores'].shape[1]} vs {n_heads}); use the relation loss instead")
 
-    def by_query(x):  # (B, heads, Lq, Lk) -> (rows, heads, Lk)
-        x = x.transpose(1, 2).flatten(0, 1)
-        return x if real_rows is None else x.index_select(0, real_rows)
+    by_query = lambda x: at_rows(x.transpose(1, 2), real_rows)  # (B, heads, Lq, Lk) -> (rows, heads, Lk)
 
     if cfg.attn_loss == "kl":
         # float32 before the mask: in fp16 the mask's minimum plus a negative score is -inf
