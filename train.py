@@ -196,7 +196,7 @@ def main(argv=None):
             print(f"resumed from {ckpt_path} at step {step}")
         del ckpt
     # the log window (each loss term summed since the last log line, then the tokens) stays on the device
-    window = torch.tensor(window, dtype=torch.float64).to(device)
+    window = host_to_device(window, device)
     last_ckpt = ckpt_path
 
     def save(step):
