@@ -108,7 +108,18 @@ def read_documents(path, text_column="text", counts=None):
 
 
 def _read_csv(path, f, text_column, counts):
-    """Records of a CSV file, read by RFC 4180's rules, strictly.
+    """The documents of a CSV file: the text column of each record (_csv_records); empty ones are counted."""
+    for _, row in _csv_records(path, f, [text_column], counts):
+        text = row[text_column]
+        if text.strip():
+            yield text.strip(), len(text) + 1
+        else:
+            counts["skipped"] += 1
+
+
+def _csv_records(path, f, columns, counts):
+    """Yield (the line the record starts on, {column: field}) for each record of a CSV file, read by
+    RFC 4180's rules, strictly; `columns` must be in the header (the first is named in errors).
 
     A field holding a comma, a quote or a line break is enclosed in double quotes, and a quote
     inside it is doubled (""), as Excel, pandas and Python's csv module write. A quoted field may
@@ -124,14 +135,14 @@ def _read_csv(path, f, text_column, counts):
     start = 1  # the line the current record starts on
     try:
         header = next(reader, None)
-        if not header or text_column not in header:
-            columns = ", ".join(header or []) or "none"
-            raise DataError(f"{path} has no column '{text_column}' (columns: {columns}); "
-                            "pass --text-column with the name of the text column")
-        if header.count(text_column) > 1:
-            raise DataError(f"{path}: {header.count(text_column)} columns are named '{text_column}'; "
-                            "rename all but one")
-        column, n_fields = header.index(text_column), len(header)
+        for column in columns:
+            if not header or column not in header:
+                flag = "--text-column" if column == columns[0] else "the matching --*-column flag"
+                raise DataError(f"{path} has no column '{column}' (columns: {', '.join(header or []) or 'none'}); "
+                                f"pass {flag} with the name of the column")
+            if header.count(column) > 1:
+                raise DataError(f"{path}: {header.count(column)} columns are named '{column}'; rename all but one")
+        n_fields = len(header)
         start = reader.line_num + 1
         for row in reader:
             end = reader.line_num
@@ -144,14 +155,9 @@ def _read_csv(path, f, text_column, counts):
                 longest = counts.get("longest")
                 if longest is None or end - start > longest[1] - longest[0]:
                     counts["longest"] = (start, end)
-            start = end + 1
-            if not row:  # a blank line between records
-                continue
-            text = row[column]
-            if text.strip():
-                yield text.strip(), len(text) + 1
-            else:
-                counts["skipped"] += 1
+            record_start, start = start, end + 1
+            if row:  # (a blank line between records is no record)
+                yield record_start, dict(zip(header, row))
     except csv.Error as e:
         if reader.line_num > start:
             raise DataError(f"{path} line {start}: malformed CSV: the record starting there runs to line "
@@ -161,14 +167,48 @@ def _read_csv(path, f, text_column, counts):
                         "and double the quotes inside it (\"say \"\"hi\"\"\"), or use .jsonl") from None
 
 
+def read_records(path, columns):
+    """Yield ("line N" or "row N", record dict) for each record of a .csv, a .jsonl or a dataset that
+    has the first of `columns` (the others may be missing from a .jsonl record); CSV fields are
+    strings, JSON values keep their types. Malformed input is a one-line DataError naming the line."""
+    if is_dataset(path):
+        dataset = open_dataset(path)
+        missing = [c for c in columns if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{path} has no column '{missing[0]}' (columns: {', '.join(dataset.column_names)}); "
+                            "pass the matching --*-column flag")
+        for i, record in enumerate(dataset.select_columns(list(dict.fromkeys(columns)))):
+            yield f"row {i}", record
+        return
+    check_corpus_file(path)
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".txt":
+        raise DataError(f"{path}: a .txt file holds no labels; pass a .csv, a .jsonl or a dataset with a label column")
+    try:
+        with open(path, encoding="utf-8-sig", newline="" if kind == ".csv" else None) as f:
+            if kind == ".csv":
+                for line, record in _csv_records(path, f, list(dict.fromkeys(columns)), {}):
+                    yield f"line {line}", record
+                return
+            for line_no, record, _ in _jsonl_objects(path, f, columns[0]):
+                if columns[0] not in record:
+                    raise DataError(f"{path} line {line_no} has no field '{columns[0]}' (found: "
+                                    f"{', '.join(record) or 'none'}); pass --text-column with the field's name")
+                yield f"line {line_no}", record
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (line {_first_undecodable_line(path)}); "
+                        "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _json_type(value):
     """JSON's name for a parsed value's type."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
             type(None): "null"}[type(value)]
 
 
-def _read_jsonl(path, f, text_column, counts):
-    """Records of a JSON Lines file: one object per line, its `text_column` a string (null: skipped)."""
+def _jsonl_objects(path, f, text_column):
+    """(line number, object, the line's length) for each non-blank line of a JSON Lines file; anything
+    else is a DataError."""
     for line_no, line in enumerate(f, 1):
         if not line.strip():
             continue
@@ -176,10 +216,16 @@ def _read_jsonl(path, f, text_column, counts):
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {line_no} is not valid JSON ({e.msg}); "
-                            "a .jsonl corpus holds one JSON object per line") from None
+                            "a .jsonl file holds one JSON object per line") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {line_no} holds a JSON {_json_type(record)}, not an object; a .jsonl "
-                            f"corpus holds one object per line, e.g. {{\"{text_column}\": \"the text\"}}")
+                            f"file holds one object per line, e.g. {{\"{text_column}\": \"the text\"}}")
+        yield line_no, record, len(line)
+
+
+def _read_jsonl(path, f, text_column, counts):
+    """Records of a JSON Lines file: one object per line, its `text_column` a string (null: skipped)."""
+    for line_no, record, line_length in _jsonl_objects(path, f, text_column):
         if text_column not in record:
             raise DataError(f"{path} line {line_no} has no field '{text_column}' (found: "
                             f"{', '.join(record) or 'none'}); pass --text-column with the name of the text field")
@@ -192,7 +238,7 @@ def _read_jsonl(path, f, text_column, counts):
                             f"({json.dumps(text)[:40]}), not a string; write the text as a string "
                             "(or null to skip the record)")
         if text.strip():
-            yield text.strip(), len(line)
+            yield text.strip(), line_length
         else:
             counts["skipped"] += 1
 

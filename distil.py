@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss,
-                    mse_loss, relation_loss)
+from losses import (attention_kl_loss, attention_mse_loss, binary_cross_entropy_loss, cosine_loss,
+                    cross_entropy_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss, multi_label_kd_loss,
+                    regression_loss, relation_loss)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DistilConfig:
     alpha_relation: float = 0.0  # MiniLMv2 q-q, k-k, v-v relations of the last pair of layer_map
     relation_heads: int = 0  # 0: the student's number of attention heads
     layer_map: tuple = ()
+    alpha_label: float = 0.0  # task runs: the hard-label loss on the task's labels (task_step)
 
     def needs_teacher(self):
         return any(w > 0 for w in (self.alpha_kd, self.alpha_mse, self.alpha_cos, self.alpha_hidden,
@@ -241,16 +243,7 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     # The student's logits are needed where KD/MSE read them, else only at the masked positions.
     logits_at_real = cfg.needs_teacher_logits() and cfg.kd_on == "all"
     student_rows = real_rows if logits_at_real else batch["masked_rows"]
-    attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
-    if cfg.needs_attention() and not attn_pairs:
-        raise ValueError(f"attention and relation losses compare layers above 0 (the embeddings have no attention): "
-                         f"layer_map {cfg.layer_map} has no such pair")
-    if (cfg.alpha_hidden > 0) and not cfg.layer_map:
-        raise ValueError("the hidden-state loss needs at least one pair of layers in layer_map")
-    if cfg.needs_attention():
-        wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
-        enable_capture(teacher, {t for t, _ in wanted})
-        enable_capture(student, {s for _, s in wanted})
+    prepare_layer_losses(student, teacher, cfg)
 
     teacher_logits = teacher_hidden = None
     if cfg.needs_teacher():
@@ -263,11 +256,6 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     student_logits, student_hidden = forward_at_rows(student, input_ids, attention_mask, student_rows,
                                                      cfg.needs_hidden_states())
 
-    at_real = lambda hidden: at_rows(hidden, real_rows)  # (B, L, D) -> (real rows, D)
-    n_real = denominators["cos"]
-    # A student narrower than its teacher compares hidden states through a learned projection.
-    projection = getattr(unwrap(student), "distil_projection", None)
-    project = projection if projection is not None else (lambda hidden: hidden)
     terms = {}
     if cfg.alpha_kd > 0:
         terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"])
@@ -275,10 +263,131 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
         # logits at the real rows: the masked ones among them (without padding, at their own flat index)
         masked_logits = student_logits.index_select(0, batch["masked_in_real"]) if logits_at_real else student_logits
         terms["mlm"] = mlm_loss(masked_logits, batch["masked_labels"], denominators["mlm"])
-    if cfg.alpha_cos > 0:
-        terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real)
     if cfg.alpha_mse > 0:
         terms["mse"] = mse_loss(student_logits, teacher_logits, denominators["kd"])
+    terms.update(layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows,
+                             denominators["cos"], cfg))
+    return weighted(terms, cfg)
+
+
+# ---- task distillation: a teacher fine-tuned on a task, the task's (partly) labelled data ----
+# KINDS: what the task head predicts, as transformers' problem_type names it, and token classification.
+KINDS = ("single_label_classification", "multi_label_classification", "regression", "token_classification")
+
+
+def task_rows(attention_mask, labels, kind, word_mask=None):
+    """Where a task's losses read, decided on the host from numpy arrays in transformers' layouts:
+
+        labels: (B,) int64, -100 = no label         single_label_classification
+                (B, C) or (B,) float, NaN = no label multi_label_classification (1.0/0.0), regression
+                (B, L) int64, -100 = no label        token_classification
+        word_mask: (B, L) bool, token_classification only: the positions predicted (each word's
+                   first sub-token), labelled or not; default: where labels != -100
+
+    Returns numpy int64 indices: real_rows (flat into B * L, the layer losses), kd_rows (the
+    teacher's soft targets: every sequence, or every predicted token, flat), label_rows (those
+    with a label) and row_labels (the labels there: int64, or float32 (n, C)), and `padded`.
+    """
+    attention_mask = np.asarray(attention_mask)
+    real = np.flatnonzero(attention_mask.reshape(-1))
+    rows = {"real_rows": real, "padded": len(real) < attention_mask.size}
+    labels = np.asarray(labels)
+    if kind == "token_classification":
+        word_mask = labels != -100 if word_mask is None else np.asarray(word_mask, dtype=bool)
+        flat = labels.reshape(-1)
+        labelled = np.flatnonzero(flat != -100)
+        return {**rows, "kd_rows": np.flatnonzero(word_mask.reshape(-1)), "label_rows": labelled,
+                "row_labels": flat[labelled].astype(np.int64)}
+    rows["kd_rows"] = np.arange(len(labels), dtype=np.int64)
+    if kind == "single_label_classification":
+        labelled = np.flatnonzero(labels != -100)
+        return {**rows, "label_rows": labelled, "row_labels": labels[labelled].astype(np.int64)}
+    values = labels.reshape(len(labels), -1).astype(np.float32)
+    labelled = np.flatnonzero(~np.isnan(values).any(axis=1))
+    return {**rows, "label_rows": labelled, "row_labels": values[labelled]}
+
+
+def count_task_rows(batch, cfg):
+    """How many rows each task loss reads in `batch` (host ints): the denominators' parts."""
+    return {"kd": len(batch["kd_rows"]), "label": len(batch["label_rows"]), "cos": len(batch["real_rows"])}
+
+
+def task_step(student, teacher, batch, cfg, kind, denominators=None):
+    """Losses of one (micro-)batch of a task. Returns (weighted total, {term name: detached value}).
+
+        loss = alpha_kd * KD + alpha_label * LABEL + alpha_mse * MSE + the layer losses (layer_terms)
+
+    KD: the teacher's softened predictions, one row per sequence (per predicted word for token
+    classification): kd_loss (T^2 KL) for single-label and token classification, multi_label_kd_loss
+    for multi-label, regression_loss to the teacher's prediction for regression. LABEL: the gold
+    labels where a row has one: cross-entropy, binary cross-entropy (multi-label) or squared error
+    (regression). Rows without a label still learn from the teacher (KD). MSE: squared error of the
+    logits (alpha_mse). `kind` is one of KINDS; student and teacher are models of that task (the
+    teacher may be None when no loss reads it). `batch` holds input_ids and attention_mask (B, L)
+    (and token_type_ids for text pairs, when the model has them) and task_rows' index tensors, on
+    the models' device; `denominators` maps "kd", "label", "cos" to row counts (None: this batch's).
+    """
+    denominators = denominators or count_task_rows(batch, cfg)
+    attention_mask = batch["attention_mask"] if batch["padded"] else None
+    real_rows = batch["real_rows"] if batch["padded"] else None
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_mask,
+              "output_hidden_states": cfg.needs_hidden_states()}
+    if "token_type_ids" in batch:  # the segment of each token of a text pair (BERT-style models)
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    prepare_layer_losses(student, teacher, cfg)
+    # token classification's logits are (B, L, C): the rows are the predicted tokens' flat positions
+    at = (lambda logits, rows: at_rows(logits, rows)) if kind == "token_classification" else \
+        (lambda logits, rows: logits.index_select(0, rows))
+    teacher_out = None
+    if cfg.needs_teacher():
+        with torch.no_grad():
+            teacher_out = teacher(**inputs)
+    student_out = student(**inputs)
+    student_logits = student_out.logits
+    terms = {}
+    if cfg.needs_teacher_logits():
+        s, t = at(student_logits, batch["kd_rows"]), at(teacher_out.logits, batch["kd_rows"])
+        if cfg.alpha_kd > 0:
+            if kind == "regression":
+                terms["kd"] = regression_loss(s, t, denominators["kd"])
+            elif kind == "multi_label_classification":
+                terms["kd"] = multi_label_kd_loss(s, t, cfg.temperature, denominators["kd"])
+            else:
+                terms["kd"] = kd_loss(s, t, cfg.temperature, denominators["kd"])
+        if cfg.alpha_mse > 0:
+            terms["mse"] = mse_loss(s, t, denominators["kd"])
+    if cfg.alpha_label > 0:
+        s, y = at(student_logits, batch["label_rows"]), batch["row_labels"]
+        if kind == "regression":
+            terms["label"] = regression_loss(s, y, denominators["label"])
+        elif kind == "multi_label_classification":
+            terms["label"] = binary_cross_entropy_loss(s, y, denominators["label"])
+        else:
+            terms["label"] = cross_entropy_loss(s, y, denominators["label"])
+    teacher_hidden = teacher_out.hidden_states if teacher_out is not None else None
+    terms.update(layer_terms(student, teacher, student_out.hidden_states, teacher_hidden, attention_mask,
+                             real_rows, denominators["cos"], cfg))
+    return weighted(terms, cfg)
+
+
+def weighted(terms, cfg):
+    """(the weighted total, the terms detached): each term times its cfg.alpha_<name>."""
+    total = sum(getattr(cfg, f"alpha_{name}") * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+def layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows, n_real, cfg):
+    """The losses between the models' layers, over the real positions (`real_rows`: flat indices,
+    None for every position): COS on the last hidden states, HIDDEN, ATTN and RELATION on the pairs
+    of cfg.layer_map. The same for a masked LM and a task model: they read the encoder only."""
+    at_real = lambda hidden: at_rows(hidden, real_rows)  # (B, L, D) -> (real rows, D)
+    attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
+    # A student narrower than its teacher compares hidden states through a learned projection.
+    projection = getattr(unwrap(student), "distil_projection", None)
+    project = projection if projection is not None else (lambda hidden: hidden)
+    terms = {}
+    if cfg.alpha_cos > 0:
+        terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real)
     if cfg.alpha_hidden > 0:
         pair_loss = hidden_mse_loss if cfg.hidden_loss == "mse" else cosine_loss
         terms["hidden"] = sum(pair_loss(project(at_real(student_hidden[s])), at_real(teacher_hidden[t]), n_real)
@@ -293,13 +402,25 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
         merge = lambda x: x.transpose(1, 2).flatten(2)  # (B, heads, L, d) -> (B, L, heads * d)
         terms["relation"] = sum(relation_loss(merge(student_qkv[k]), merge(teacher_qkv[k]), attention_mask, n_heads,
                                               n_real * n_heads, real_rows) for k in ("query", "key", "value"))
-    weights = {"kd": cfg.alpha_kd, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos, "mse": cfg.alpha_mse,
-               "hidden": cfg.alpha_hidden, "attn": cfg.alpha_attn, "relation": cfg.alpha_relation}
-    total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}
+    return terms
 
 
-def freeze_unreached(student, teacher, cfg, length=8):
+def prepare_layer_losses(student, teacher, cfg):
+    """Check cfg.layer_map against the active layer losses, and switch on attention capture in the
+    layers the attention and relation losses read."""
+    attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
+    if cfg.needs_attention() and not attn_pairs:
+        raise ValueError(f"attention and relation losses compare layers above 0 (the embeddings have no attention): "
+                         f"layer_map {cfg.layer_map} has no such pair")
+    if (cfg.alpha_hidden > 0) and not cfg.layer_map:
+        raise ValueError("the hidden-state loss needs at least one pair of layers in layer_map")
+    if cfg.needs_attention():
+        wanted = attn_pairs if cfg.alpha_attn > 0 else attn_pairs[-1:]
+        enable_capture(teacher, {t for t, _ in wanted})
+        enable_capture(student, {s for _, s in wanted})
+
+
+def freeze_unreached(student, teacher, cfg, kind=None, length=8):
     """Stop training the student's parameters that no active loss reaches; returns their names.
 
     With only hidden states compared (alpha_hidden), the MLM head runs but nothing reads its logits;
@@ -308,12 +429,23 @@ def freeze_unreached(student, teacher, cfg, length=8):
     finished reduction in the prior iteration") unless it searches the graph every step
     (find_unused_parameters, slow, and it hides such mistakes). One probe step on a short batch in
     which every position is labelled finds them; they keep the teacher's values and are saved as such.
+    `kind`: None for a masked LM (distil_step), else the task (one of KINDS, task_step).
     """
     device = next(student.parameters()).device
     vocab_size = unwrap(student).get_input_embeddings().num_embeddings
     input_ids = (torch.arange(length, device=device) % vocab_size)[None]
-    probe = with_rows({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids})
-    loss, _ = distil_step(student, teacher, probe, cfg)
+    attention_mask = torch.ones_like(input_ids)
+    if kind is None:
+        probe = with_rows({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids})
+        loss, _ = distil_step(student, teacher, probe, cfg)
+    else:
+        n_labels = unwrap(student).config.num_labels
+        labels = {"single_label_classification": np.zeros(1, dtype=np.int64),
+                  "token_classification": np.zeros((1, length), dtype=np.int64)}.get(kind, np.zeros((1, n_labels)))
+        rows = {k: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
+                for k, v in task_rows(np.ones((1, length)), labels, kind).items()}
+        loss, _ = task_step(student, teacher, {"input_ids": input_ids, "attention_mask": attention_mask, **rows},
+                            cfg, kind)
     loss.backward()
     unreached = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in student.named_parameters():

@@ -1,8 +1,12 @@
 """train.py's command line: every flag with its default, and --config files of flag values.
 
-The flags of the DistilBERT recipe default to the released run's values (Sanh et al. 2019): loss
-weights 5/2/1, temperature 2, AdamW 5e-4 with betas (0.9, 0.98) and eps 1e-6, 5% warmup, clipping
-at 5. A --config file, JSON or YAML (.yaml/.yml, with PyYAML installed), sets any of them by flag
+The recipe's flags default by what the run does (RECIPES, filled in by `recipe_defaults` once the
+teacher is loaded). A masked-LM teacher: the released DistilBERT run's values (Sanh et al. 2019):
+loss weights 5/2/1, temperature 2, AdamW 5e-4 with betas (0.9, 0.98) and eps 1e-6, 5% warmup,
+clipping at 5. A teacher fine-tuned on a task: DistilBERT (D)'s task distillation (Hugging Face's
+run_squad_w_distillation.py): KD 0.5 at temperature 2 and the hard-label loss 0.5, AdamW 5e-5
+with eps 1e-8, no warmup, clipping at 1. Fine-tuning (--task, no teacher): the labels alone, with
+the same optimizer. A --config file, JSON or YAML (.yaml/.yml, with PyYAML installed), sets any of them by flag
 name ("alpha_kd" or "alpha-kd"); flags given on the command line win over the file.
 """
 
@@ -12,6 +16,7 @@ import math
 import sys
 
 from data import default_cache_dir
+from distil import KINDS
 
 
 def read_config(path):
@@ -55,11 +60,21 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--config", help="JSON or YAML file of flag values (keys are flag names); flags on the command line win")
     # what to distil, on what
-    a("--teacher", help="teacher: a hub name or a local folder holding a masked-LM checkpoint")
+    a("--teacher", help="teacher: a hub name or a local folder holding a masked LM, or a model fine-tuned for "
+      "sequence classification or token classification (task distillation)")
+    a("--student", metavar="FOLDER", help="start the student from this checkpoint (same tokenizer) instead of the "
+      "teacher's layers; a task run gives it a fresh task head unless its own predicts the same labels")
+    a("--task", choices=KINDS, help="fine-tune --student on labelled data, with no task teacher: the task, "
+      "labels taken from the data (or --labels)")
+    a("--labels", help="with --task: the label names, comma-separated, in id order (default: from the data)")
     a("--tokenizer", help="tokenizer folder, if not the teacher's own")
-    a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl")
-    a("--valid", help="held-out corpus for perplexity (same formats)")
-    a("--text-column", default="text", help="column (.csv) or field (.jsonl) holding the text")
+    a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl (tasks: .csv, .jsonl or a "
+      "dataset)")
+    a("--valid", help="held-out set: perplexity (masked LM), or the task's scores")
+    a("--text-column", help="column (.csv) or field (.jsonl) holding the text (default: text; token "
+      "classification: tokens, a list of words)")
+    a("--text-pair-column", help="tasks on text pairs: the column of each pair's second text")
+    a("--label-column", help="tasks: the column of the labels (default: label; token classification: ner_tags)")
     a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
     a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
     # the student
@@ -71,7 +86,8 @@ def parse_args(argv=None):
     a("--student-arch", default="teacher", choices=["teacher", "distilbert"],
       help="the student's class: the teacher's own, or DistilBertForMaskedLM converted exactly from a BERT teacher")
     # data
-    a("--seq-len", type=int, default=128, help="tokens per sequence, special tokens included")
+    a("--seq-len", type=int, help="tokens per sequence, special tokens included (default: 128, or the "
+      "teacher's positions if fewer)")
     a("--no-pack", dest="pack", action="store_false",
       help="one document per sequence (grouped by length) instead of packing documents together")
     a("--min-tokens", type=int, default=5, help="drop documents with fewer tokens than this")
@@ -83,17 +99,18 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
     a("--epochs", type=float, default=3.0)
-    a("--lr", type=float, default=5e-4)
-    a("--warmup", type=float, default=0.05, help="fraction of the steps spent warming up the learning rate")
+    a("--lr", type=float, help="peak learning rate (default: 5e-4 masked LM, 5e-5 tasks)")
+    a("--warmup", type=float, help="fraction of the steps spent warming up the learning rate (0.05; tasks 0)")
     a("--weight-decay", type=float, default=0.0, help="AdamW decay, on weight matrices only")
-    a("--adam-betas", default="0.9,0.98")
-    a("--adam-eps", type=float, default=1e-6)
-    a("--clip", type=float, default=5.0, help="gradient-norm clipping (0 = off)")
-    # the recipe
+    a("--adam-betas", help="default 0.9,0.98 (masked LM), 0.9,0.999 (tasks)")
+    a("--adam-eps", type=float, help="default 1e-6 (masked LM), 1e-8 (tasks)")
+    a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 5; tasks 1)")
+    # the recipe (defaults: RECIPES)
     a("--temperature", type=float, default=2.0)
-    a("--alpha-kd", type=float, default=5.0)
-    a("--alpha-mlm", type=float, default=2.0)
-    a("--alpha-cos", type=float, default=1.0)
+    a("--alpha-kd", type=float, help="KD on the teacher's predictions (5; tasks 0.5)")
+    a("--alpha-mlm", type=float, help="masked-LM loss (2; tasks: off)")
+    a("--alpha-label", type=float, help="tasks: the hard-label loss (0.5; 1 when fine-tuning)")
+    a("--alpha-cos", type=float, help="cosine loss of the last hidden states (1; tasks: off)")
     a("--alpha-mse", type=float, default=0.0)
     a("--kd-on", default="masked", choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
@@ -141,9 +158,11 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
         p.set_defaults(**config)
     args = p.parse_args(argv)
-    for flag in ("teacher", "train", "out"):
+    for flag in ("train", "out") + (() if args.task else ("teacher",)):
         if not getattr(args, flag):
             p.error(f"--{flag} is required (on the command line or in --config)")
+    if args.task and not args.student:
+        p.error("--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER")
     problem = check_ranges(args)
     if problem:
         p.error(problem)
@@ -170,6 +189,7 @@ RANGES = [
     ("temperature", "float", lambda v: v > 0, "above 0 (the recipe uses 2)"),
     ("alpha_kd", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_mlm", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_label", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_cos", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_mse", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_hidden", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
@@ -195,7 +215,8 @@ def check_ranges(args):
     for --batch-size or true for --lr is caught here too; NaN and infinities are refused as well."""
     for name, kind, test, valid in RANGES:
         value = getattr(args, name)
-        if value is None and name in ("max_steps", "student_hidden", "student_heads", "num_workers"):  # optional
+        if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len")
+                              or name in RECIPE_FLAGS):  # optional, or filled in by recipe_defaults
             continue
         flag = "--" + name.replace("_", "-")
         if kind == "int":
@@ -212,9 +233,9 @@ def check_ranges(args):
         betas = [float(b) for b in str(args.adam_betas).split(",")]
     except ValueError:
         betas = []
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+    if args.adam_betas is not None and len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         return f"--adam-betas {args.adam_betas}: must be two numbers in [0, 1) separated by a comma, e.g. 0.9,0.98"
-    alphas = ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
+    alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
     if all(getattr(args, f"alpha_{k}") == 0 for k in alphas):
         return "every --alpha-* is 0: turn on at least one loss"
     if (args.alpha_attn > 0 or args.alpha_relation > 0) and args.layer_map is not None:
@@ -228,3 +249,40 @@ def check_ranges(args):
             return (f"{flag} compares attention, which layer 0 (the embeddings) has not: --layer-map "
                     f"{args.layer_map} needs a pair of layers both above 0, e.g. --layer-map 0:0,12:6")
     return None
+
+
+# The recipes' defaults, by what the run does (see the module's docstring for their sources).
+_OPTIMIZER_MLM = {"lr": 5e-4, "adam_betas": "0.9,0.98", "adam_eps": 1e-6, "warmup": 0.05, "clip": 5.0}
+_OPTIMIZER_TASK = {"lr": 5e-5, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.0, "clip": 1.0}
+RECIPES = {
+    "mlm": {"alpha_kd": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "alpha_label": 0.0, **_OPTIMIZER_MLM},
+    "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, **_OPTIMIZER_TASK},
+    "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, **_OPTIMIZER_TASK},
+}
+RECIPE_FLAGS = set(RECIPES["mlm"])
+
+
+def recipe_defaults(args, kind, has_teacher=True):
+    """Fill the recipe flags left unset with the defaults of the run: "mlm" (kind None), "task" (a
+    task teacher) or "finetune" (no teacher); columns too. Raises SystemExit with one line for a
+    loss this run cannot compute."""
+    recipe = "mlm" if kind is None else ("task" if has_teacher else "finetune")
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    token = kind == "token_classification"
+    args.text_column = args.text_column or ("tokens" if token else "text")
+    args.label_column = args.label_column or ("ner_tags" if token else "label")
+    if kind is None and args.alpha_label > 0:
+        raise SystemExit("error: --alpha-label is the hard-label loss of a task; a masked-LM teacher has none "
+                         "(pass a fine-tuned teacher, or --task with --student to fine-tune)")
+    if kind is not None and args.alpha_mlm > 0:
+        raise SystemExit("error: --alpha-mlm trains a masked LM; a task run has no masked tokens: drop it")
+    if not has_teacher:
+        uses = [f"--alpha-{k}" for k in ("kd", "cos", "mse", "hidden", "attn", "relation") if getattr(args, f"alpha_{k}") > 0]
+        if uses:
+            raise SystemExit(f"error: {', '.join(uses)} compare the student with a teacher, and --task fine-tunes "
+                             "without one: pass a fine-tuned --teacher instead of --task, or drop them")
+    problem = check_ranges(args)
+    if problem:
+        raise SystemExit(f"error: {problem}")

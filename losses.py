@@ -128,10 +128,11 @@ class _ChunkedKL(torch.autograd.Function):
         return (grad * grad_kl.to(grad.dtype)).to(ctx.logits_dtype), None, None
 
 
-def mlm_loss(student_logits, labels, denominator=None):
-    """Masked-language-modelling cross-entropy on the true tokens (DistilBERT's L_mlm).
+def cross_entropy_loss(student_logits, labels, denominator=None):
+    """Cross-entropy on the true labels: DistilBERT's L_mlm on masked tokens, the hard-label loss
+    of a classification or token-classification task.
 
-        mlm = -1/n * sum_{rows with label != -100} log softmax(s)[label]
+        ce = -1/n * sum_{rows with label != -100} log softmax(s)[label]
 
     `labels` has the logits' leading shape; -100 marks a row that is not predicted (skipped by
     cross_entropy's ignore_index: no boolean indexing, so no read-back from the device). n defaults
@@ -143,6 +144,9 @@ def mlm_loss(student_logits, labels, denominator=None):
     total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     n = (labels != -100).sum() if denominator is None else denominator
     return _per_row_mean(total, n, None)
+
+
+mlm_loss = cross_entropy_loss  # the masked-LM loss is cross-entropy on the masked positions' true tokens
 
 
 def cosine_loss(student_hidden, teacher_hidden, denominator=None):
@@ -168,6 +172,47 @@ def mse_loss(student_logits, teacher_logits, denominator=None):
     """
     sq = F.mse_loss(student_logits.float(), teacher_logits.detach().float(), reduction="sum")
     return _per_row_mean(sq, denominator, _rows(student_logits))
+
+
+def multi_label_kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
+    """Knowledge distillation for a multi-label task: each label is its own yes/no question, so the
+    softened distributions are Bernoulli (sigmoid) ones, one per label.
+
+        kd = T^2 / n * sum_rows 1/C * sum_c KL( Bern(sigmoid(t_c / T)) || Bern(sigmoid(s_c / T)) )
+
+    i.e. the binary cross-entropy of the student against the teacher's softened probabilities,
+    minus the teacher's own entropy, so that it is 0 when the two agree (as kd_loss). T^2 for the
+    same reason as in kd_loss. logits: (..., C), any float dtype; returns a float32 scalar.
+    """
+    s, t = student_logits.float() / temperature, teacher_logits.detach().float() / temperature
+    p_t = torch.sigmoid(t)
+    kl = (F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
+          - F.binary_cross_entropy_with_logits(t, p_t, reduction="none"))
+    return _per_row_mean(kl.mean(-1).sum() * temperature**2, denominator, _rows(student_logits))
+
+
+def binary_cross_entropy_loss(student_logits, targets, denominator=None):
+    """The hard-label loss of a multi-label task (transformers' BCEWithLogitsLoss when n = rows).
+
+        bce = -1/n * sum_rows 1/C * sum_c [y_c log sigmoid(s_c) + (1 - y_c) log(1 - sigmoid(s_c))]
+
+    targets: (..., C), 1.0 where the label applies and 0.0 where not; returns a float32 scalar.
+    """
+    bce = F.binary_cross_entropy_with_logits(student_logits.float(), targets.float(), reduction="none")
+    return _per_row_mean(bce.mean(-1).sum(), denominator, _rows(student_logits))
+
+
+def regression_loss(student_predictions, targets, denominator=None):
+    """Squared error of a regression head (STS-B): against the gold scores as the hard-label loss,
+    against the teacher's predictions as its KD (a regression has no distribution to soften, so
+    no temperature).
+
+        reg = 1/n * sum_rows 1/C * sum_c (s_c - y_c)^2
+
+    predictions, targets: (..., C) with C outputs (1 for STS-B); transformers' MSELoss when n = rows.
+    """
+    sq = (student_predictions.float() - targets.detach().float()) ** 2
+    return _per_row_mean(sq.mean(-1).sum(), denominator, _rows(student_predictions))
 
 
 # ---------------------------------------------------------------------------------------------

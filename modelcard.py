@@ -174,6 +174,94 @@ def write_model_card(out_dir, run, teacher, student, mask_token, layers, steps, 
     return path
 
 
+PIPELINE_TAGS = {"single_label_classification": "text-classification", "multi_label_classification":
+                 "text-classification", "regression": "text-classification",
+                 "token_classification": "token-classification"}
+
+
+def task_model_card(run, teacher, student, kind, steps, scores, teacher_scores):
+    """The text of README.md for a task run (train.py with a fine-tuned teacher, or --task): what was
+    trained on what, the losses that were on, and the held-out scores of student and teacher.
+    scores, teacher_scores: tasks.task_metrics dicts (None without --valid, or without a teacher)."""
+    from huggingface_hub import ModelCardData
+
+    teacher_name = run.get("teacher")
+    local_teacher = not teacher_name or not _is_hub_name(teacher_name)
+    n_params = lambda model: f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+    terms = [(w, name, what) for w, name, what in [
+        (run["alpha_kd"], "KD", "the teacher's predictions: " + (
+            "squared error to them" if kind == "regression" else
+            f"T²·KL of the softened {'per-label sigmoid' if kind.startswith('multi') else 'softmax'} distributions, "
+            f"T = {run['temperature']:g}")),
+        (run.get("alpha_label", 0), "LABEL", {"regression": "squared error to the gold scores",
+                                              "multi_label_classification": "binary cross-entropy on the gold labels"}
+         .get(kind, "cross-entropy on the gold labels")),
+        (run.get("alpha_cos", 0), "COS", "1 − cosine between the last hidden states"),
+        (run.get("alpha_mse", 0), "MSE", "squared error between the logits"),
+        (run.get("alpha_hidden", 0), "HIDDEN", "hidden-state loss on --layer-map"),
+        (run.get("alpha_attn", 0), "ATTN", "attention loss on --layer-map"),
+        (run.get("alpha_relation", 0), "RELATION", "MiniLMv2 relations")] if w > 0]
+    loss = " + ".join(f"{w:g}·{name}" for w, name, _ in terms) + ", where " + "; ".join(
+        f"{name} = {what}" for _, name, what in terms)
+    distilled = any(name != "LABEL" for _, name, _ in terms)
+    header = ModelCardData(library_name="transformers", pipeline_tag=PIPELINE_TAGS[kind],
+                           base_model=None if local_teacher else teacher_name,
+                           tags=(["distillation"] if distilled else []) + [student.config.model_type])
+    source = f"a local `{_source_name(teacher_name)}` checkpoint" if teacher_name and local_teacher else \
+        f"[{teacher_name}](https://huggingface.co/{teacher_name})" if teacher_name else None
+    start = f"`{_source_name(run['student'])}`" if run.get("student") else "the teacher's layers"
+    if distilled:
+        summary = f"A {student.config.num_hidden_layers}-layer student distilled from {source} on its task ({kind})."
+    else:
+        summary = f"A {student.config.num_hidden_layers}-layer model fine-tuned on labelled data ({kind}), no teacher."
+    rows = ""
+    names = sorted({k for d in (scores or {}, teacher_scores or {}) for k in d if k != "examples"})
+    fmt = lambda d, k: "–" if not d or k not in d else f"{100 * d[k]:.2f}" if k != "pearson" and k != "spearman" \
+        else f"{d[k]:.4f}"
+    for k in names:
+        rows += f"| held-out {k.replace('_', ' ')} | {fmt(teacher_scores, k)} | {fmt(scores, k)} |\n"
+    labels = ", ".join(str(student.config.id2label[i]) for i in sorted(student.config.id2label))
+    name = run.get("push_to_hub") or os.path.basename(os.path.normpath(run["out"]))
+    pipeline = PIPELINE_TAGS[kind]
+    body = f"""
+# {name.split("/")[-1]}
+
+{summary}
+
+| | teacher | this model |
+|---|---|---|
+| layers | {teacher.config.num_hidden_layers if teacher is not None else '–'} | {student.config.num_hidden_layers} |
+| parameters | {n_params(teacher) if teacher is not None else '–'} | {n_params(student)} |
+{rows}
+Scores in % (Pearson and Spearman as correlations); agreement is with the teacher's predictions.
+
+## Training
+
+- Started from {start}; labels: {labels}.
+- Loss = {loss}.
+- {steps:,} optimizer steps of {run['global_batch']:,} examples of up to {run['seq_len']} tokens; AdamW, peak
+  learning rate {run['lr']:g}, {100 * run['warmup']:g}% warmup then linear decay, clipping at {run['clip']:g},
+  seed {run['seed']}.
+- Data: `{_source_name(run['train'])}`{f", held out: `{_source_name(run['valid'])}`" if run.get('valid') else ''}.
+
+## How to use
+
+```python
+from transformers import pipeline
+classify = pipeline("{pipeline}", model="{name}")
+```
+"""
+    return f"---\n{header.to_yaml()}\n---\n{body}"
+
+
+def write_task_model_card(out_dir, run, teacher, student, kind, steps, scores, teacher_scores):
+    """Write OUT/README.md for a task run (see task_model_card); returns its path."""
+    path = os.path.join(out_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(task_model_card(run, teacher, student, kind, steps, scores, teacher_scores))
+    return path
+
+
 # What a training run leaves in OUT that does not belong in a model repository: the checkpoints
 # (training state: optimizer moments and the run's settings, several times the model's size, for
 # --resume on this machine), the lock, the folder of an interrupted save, W&B's local files; and

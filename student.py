@@ -15,7 +15,8 @@ import os
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, DistilBertConfig,
+from transformers import (AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer, BertForMaskedLM, DistilBertConfig,
                           DistilBertForMaskedLM)
 from transformers.activations import ACT2FN
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
@@ -313,8 +314,42 @@ def _means_local_folder(name_or_path):
     return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
 
 
+# A teacher fine-tuned on a task: its class names the task (transformers' architectures field).
+TASK_CLASSES = {"ForSequenceClassification": AutoModelForSequenceClassification,
+                "ForTokenClassification": AutoModelForTokenClassification}
+
+
+def auto_class(model_or_config):
+    """The Auto class that loads this model (or a model of this config) back: a task class or the masked LM."""
+    architectures = getattr(model_or_config, "architectures", None) or []
+    name = type(model_or_config).__name__ if isinstance(model_or_config, nn.Module) else " ".join(architectures)
+    return next((cls for suffix, cls in TASK_CLASSES.items() if suffix in name), AutoModelForMaskedLM)
+
+
+def task_kind(config):
+    """What a task model predicts (one of distil.KINDS), from its config; None for a masked LM."""
+    cls = auto_class(config)
+    if cls is AutoModelForTokenClassification:
+        return "token_classification"
+    if cls is AutoModelForMaskedLM:
+        return None
+    # transformers' own rule when problem_type is unset: one output is a regression
+    return config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+
+
+def _check_supported_head(name_or_path, config, flag="--teacher"):
+    architectures = config.architectures or []
+    other = [a for a in architectures if a.endswith(("ForQuestionAnswering", "ForMultipleChoice", "ForPreTraining",
+                                                     "ForNextSentencePrediction"))]
+    if other and auto_class(config) is AutoModelForMaskedLM:
+        qa = " (extractive question answering is not supported yet)" if "QuestionAnswering" in other[0] else ""
+        raise StudentError(f"{flag} {name_or_path} is a {other[0]}{qa}; pass a masked LM, or a model fine-tuned "
+                           "for sequence classification or token classification")
+
+
 def load_teacher(name_or_path):
-    """The teacher as a float32 masked LM in eval mode, frozen; a one-line StudentError if it cannot be one."""
+    """The teacher in float32 and eval mode, frozen: a masked LM, or a model fine-tuned for sequence or
+    token classification (its config's architectures say which); a one-line StudentError if it cannot be one."""
     if _means_local_folder(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise StudentError(f"--teacher {name_or_path}: no such folder; pass a folder holding config.json "
                            "and the weights, or a Hugging Face hub name")
@@ -329,6 +364,9 @@ def load_teacher(name_or_path):
             raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder ({_first_line(e)})")
         raise StudentError(f"--teacher {name_or_path}: cannot download it from the hub ({_first_line(e)}); "
                            "offline, pass a local folder with --teacher /path/to/model") from None
+    _check_supported_head(name_or_path, config)
+    if auto_class(config) is not AutoModelForMaskedLM:
+        return _load_task_model(name_or_path, config, "--teacher").eval().requires_grad_(False)
     if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
         raise StudentError(f"--teacher {name_or_path} is a '{config.model_type}' model, which has no masked-LM "
                            "class in transformers; pass a masked-LM teacher (BERT, RoBERTa, XLM-R, ...)")
@@ -348,7 +386,8 @@ def load_teacher(name_or_path):
                     "detection and have no MLM head; use a generator or a masked-LM checkpoint)")
         raise StudentError(f"--teacher {name_or_path} has no trained masked-LM head: missing "
                            f"{', '.join(head_missing[:3])}{', ...' if len(head_missing) > 3 else ''}{hint}; "
-                           "transformers would start it at random, so pass a checkpoint saved as a masked LM")
+                           "transformers would start it at random, so pass a checkpoint saved as a masked LM "
+                           "(or, to fine-tune it on a task, pass it as --student with --task)")
     relative = sorted(k for k in info["unexpected_keys"] if "distance_embedding" in k)
     if relative:  # transformers 5 dropped relative_key positions from BERT-style models: it would run without them
         kind = getattr(config, "position_embedding_type", "relative")
@@ -361,12 +400,82 @@ def load_teacher(name_or_path):
     return model
 
 
-def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
-    """The teacher's fast tokenizer (or `tokenizer_path`'s), checked against the teacher's embeddings."""
+def _load_task_model(name_or_path, config, flag, **head):
+    """A task model in float32; with `head` (num_labels, id2label, label2id, problem_type) given, a
+    fresh task head where the checkpoint's does not fit them. Returns the model; the names of the
+    weights started at random are in model.fresh_weights."""
+    cls = TASK_CLASSES[next(k for k in TASK_CLASSES if k in auto_class(config).__name__)] if not head else head.pop("cls")
+    try:
+        model, info = cls.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
+                                          ignore_mismatched_sizes=bool(head), **head)
+    except Exception as e:
+        raise StudentError(f"{flag} {name_or_path}: cannot load its weights ({_first_line(e)}); "
+                           "pass a folder holding config.json and model.safetensors (or pytorch_model.bin)") from None
+    fresh = sorted(set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])})
+    if fresh and not head:  # a teacher: every weight must be trained
+        raise StudentError(f"{flag} {name_or_path} lacks trained weights for {', '.join(fresh[:3])}"
+                           f"{', ...' if len(fresh) > 3 else ''}; transformers would start them at random, so pass "
+                           "the checkpoint the task was fine-tuned into")
+    base = model.base_model_prefix + "."
+    lost = [k for k in fresh if k.startswith(base) and ".pooler." not in k]
+    if head and lost:
+        raise StudentError(f"{flag} {name_or_path}: its weights do not fit a {cls.__name__[9:]} of its own config "
+                           f"(missing {', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}); pass a checkpoint "
+                           "save_pretrained wrote")
+    model.fresh_weights = fresh
+    return model
+
+
+def load_student_checkpoint(folder, kind=None, id2label=None):
+    """`--student FOLDER`: a pre-trained checkpoint to start the student from, trainable, in float32.
+
+    kind None: a masked LM with its trained head (as load_teacher). Otherwise a model of the task:
+    its encoder from the checkpoint (any head, or none: an MLM teacher, a student this project
+    made, a sentence encoder), with a fresh task head for `id2label` ({id: name}; regression:
+    {0: name} per output) unless the checkpoint's own head already predicts exactly those labels
+    (TinyBERT's general-then-task recipe). Which weights started at random: model.fresh_weights.
+    """
+    if kind is None:
+        model = load_teacher(folder)
+        model.fresh_weights = []
+        return model.train().requires_grad_(True)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise StudentError(f"--student {folder}: not a Hugging Face model folder (no config.json); pass the folder "
+                           "save_pretrained wrote")
+    config = AutoConfig.from_pretrained(folder)
+    id2label = {int(i): str(name) for i, name in id2label.items()}
+    cls = AutoModelForTokenClassification if kind == "token_classification" else AutoModelForSequenceClassification
+    head = {"cls": cls, "num_labels": len(id2label), "id2label": id2label,
+            "label2id": {name: i for i, name in id2label.items()}}
+    if kind != "token_classification":
+        head["problem_type"] = kind
+    same = auto_class(config) is cls and task_kind(config) == kind and \
+        {int(i): str(n) for i, n in config.id2label.items()} == id2label
+    model = _load_task_model(folder, config, "--student", **head)
+    if not same:  # a head for other labels (or none): only the encoder is kept
+        model.fresh_weights = sorted(set(model.fresh_weights) | {n for n, _ in model.named_parameters()
+                                                                 if not n.startswith(model.base_model_prefix + ".")})
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if not name.startswith(model.base_model_prefix) and name and hasattr(module, "reset_parameters"):
+                    model._init_weights(module)
+    return model.train().requires_grad_(True)
+
+
+def load_tokenizer(teacher, teacher_path, tokenizer_path=None, masked_lm=True, words=False):
+    """The teacher's fast tokenizer (or `tokenizer_path`'s), checked against the teacher's embeddings.
+    masked_lm=False (a task run) does not ask for a mask token; words=True (token classification)
+    loads a byte-level BPE tokenizer (RoBERTa's) with add_prefix_space, which words given one by
+    one need, as transformers' token-classification example does."""
     source = tokenizer_path or teacher_path
     flag = "--tokenizer" if tokenizer_path else "--teacher"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        if words:
+            try:
+                tokenizer(["a", "word"], is_split_into_words=True)
+            except Exception:  # transformers refuses pre-split words to a byte-level BPE without it
+                tokenizer = AutoTokenizer.from_pretrained(source, add_prefix_space=True)
     except (OSError, ValueError, TypeError) as e:
         raise StudentError(f"{flag} {source}: cannot load a tokenizer ({_first_line(e)}); "
                            "pass --tokenizer with a folder holding the teacher's tokenizer") from None
@@ -379,10 +488,11 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None):
                            f"{len(tokenizer)} special tokens); pass --tokenizer with a folder holding the teacher's "
                            "tokenizer (tokenizer.json, or vocab.txt, or vocab.json and merges.txt)")
     missing = [name for name in ("mask_token", "pad_token", "cls_token", "sep_token")
-               if getattr(tokenizer, name) is None]
+               if getattr(tokenizer, name) is None and (masked_lm or name != "mask_token")]
     if missing:
         raise StudentError(f"{flag} {source}: the tokenizer has no {', '.join(missing)}; "
-                           "a masked-LM tokenizer needs mask, pad, cls and sep tokens")
+                           f"a {'masked-LM' if masked_lm else 'BERT-family'} tokenizer needs "
+                           f"{'mask, ' if masked_lm else ''}pad, cls and sep tokens")
     n_embeddings = teacher.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise StudentError(f"{flag} {source}: the tokenizer has {len(tokenizer)} tokens but the teacher's "
@@ -431,7 +541,8 @@ def check_same_tokenizer(tokenizer, teacher_path, tokenizer_path):
 
 
 def save_student(student, tokenizer, out_dir):
-    """Write the student and its tokenizer so that AutoModelForMaskedLM.from_pretrained(out_dir) loads it.
+    """Write the student and its tokenizer so that the Auto class of its kind (AutoModelForMaskedLM,
+    AutoModelForSequenceClassification, AutoModelForTokenClassification) loads it from `out_dir`.
 
     Files go to a temporary folder first (OUT/.saving) and are moved in with config.json last, so a
     crash while saving never leaves a folder that looks like a finished model. Before they are
@@ -453,7 +564,7 @@ def save_student(student, tokenizer, out_dir):
 
 
 def check_reloads(student, tokenizer, folder, atol=1e-4):
-    """Raise a StudentError unless AutoModelForMaskedLM.from_pretrained(folder) computes the student's logits.
+    """Raise a StudentError unless the student's Auto class's from_pretrained(folder) computes its logits.
 
     Two sequences, [CLS]/[SEP]-framed: a sentence, and ids spread over the whole vocabulary (every
     row of the embeddings and the output layer has a chance to show a difference). Both models run
@@ -470,7 +581,7 @@ def check_reloads(student, tokenizer, folder, atol=1e-4):
     rows = [[tokenizer.cls_token_id] + (x * n)[:n - 2] + [tokenizer.sep_token_id] for x in (ids or spread, spread)]
     input_ids = torch.tensor(rows, device=student.device)
     try:
-        reloaded = AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32).to(student.device).eval()
+        reloaded = auto_class(student).from_pretrained(folder, dtype=torch.float32).to(student.device).eval()
     except Exception as e:
         raise StudentError(f"the saved student in {folder} does not load ({_first_line(e)}); the trained weights "
                            "are in the run's checkpoints") from None
@@ -484,7 +595,7 @@ def check_reloads(student, tokenizer, folder, atol=1e-4):
         student.train(was_training)
     diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
     if not diff <= atol * max(1.0, expected.abs().max().item()):
-        raise StudentError(f"the saved student does not reload as trained: AutoModelForMaskedLM.from_pretrained({folder}) "
+        raise StudentError(f"the saved student does not reload as trained: {auto_class(student).__name__}.from_pretrained({folder}) "
                            f"gives logits up to {diff:.3g} away from the trained student's; the files stay in {folder} "
                            "and the trained weights in the run's checkpoints; report it with the teacher's name")
 

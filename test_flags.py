@@ -51,7 +51,7 @@ BAD_FLAGS = [
     (["--alpha-hidden", "-1"], ["--alpha-hidden -1"]),
     (["--alpha-attn", "-1"], ["--alpha-attn -1"]),
     (["--alpha-relation", "-1"], ["--alpha-relation -1"]),
-    (["--alpha-kd", "0", "--alpha-mlm", "0", "--alpha-cos", "0"], ["every --alpha-* is 0"]),
+    (["--alpha-kd", "0", "--alpha-mlm", "0", "--alpha-cos", "0", "--alpha-label", "0"], ["every --alpha-* is 0"]),
     (["--keep", "-1"], ["--keep -1"]),
     (["--relation-heads", "-2"], ["--relation-heads -2"]),
     (["--min-tokens", "0"], ["--min-tokens 0"]),

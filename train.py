@@ -27,14 +27,17 @@ from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_s
                         truncate_metrics)
 from data import (DataError, MicroBatches, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec,
                   micro_batch_loader)
-from distil import DistilConfig, check_capture, count_rows, distil_step, freeze_unreached, parse_layer_map, unwrap
-from flags import parse_args
+from distil import (DistilConfig, check_capture, count_rows, count_task_rows, distil_step, freeze_unreached,
+                    parse_layer_map, task_step, unwrap)
+from flags import parse_args, recipe_defaults
 from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
-from modelcard import HubError, push_to_hub, write_model_card
+from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
-from student import (StudentError, build_student, check_layers, compile_layers, load_teacher, load_tokenizer,
-                     save_student, usable_positions)
+from student import (StudentError, build_student, check_layers, compile_layers, load_student_checkpoint,
+                     load_teacher, load_tokenizer, make_student, save_student, task_kind, usable_positions)
+from tasks import (PRIMARY, TaskBatches, check_metrics, examples_digest, examples_note, gold, labels_from_data, load_examples,
+                   predict, task_metrics, valid_task_batches)
 
 
 def get_lr(step, total_steps, args):
@@ -67,53 +70,95 @@ def setup_device(args):
     return rank, local_rank, world_size, device
 
 
-def load_inputs(args, config, master):
-    """Teacher, tokenizer, recipe, student and corpora, each checked (one-line errors) before anything
-    is written or the process group starts."""
-    teacher = load_teacher(args.teacher)
-    tokenizer = load_tokenizer(teacher, args.teacher, args.tokenizer)
+def load_inputs(args, config, master, teacher, kind):
+    """Tokenizer, recipe, student and data, each checked (one-line errors) before anything is written
+    or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py)."""
     try:
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
     except ValueError:
         raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
-    n_teacher_layers = teacher.config.num_hidden_layers
-    layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
-    max_len = usable_positions(teacher)
+    # the student: the teacher's layers (its head copied), or --student's checkpoint (a fresh task head)
+    id2label = None
+    if kind is not None:
+        id2label = teacher.config.id2label if teacher is not None else labels_from_data(
+            args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
+    student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
+    source = teacher if teacher is not None else student
+    tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
+                               words=kind == "token_classification")
+    max_len = usable_positions(source)
+    if args.seq_len is None:  # 128, or the teacher's positions if fewer
+        args.seq_len = config["seq_len"] = min(128, max_len)
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
+    if student is not None:
+        if len(tokenizer) > student.get_input_embeddings().num_embeddings:
+            raise StudentError(f"--student {args.student}: its embeddings have fewer rows than the teacher's "
+                               "tokenizer has tokens; start from a checkpoint of the teacher's tokenizer")
+        if layers is not None:  # a subset of the checkpoint's own layers
+            student = make_student(student, check_layers(layers, student.config.num_hidden_layers))
+        layers = list(range(student.config.num_hidden_layers))
+        if master and student.fresh_weights:
+            print(f"--student {args.student}: fresh task head ({', '.join(student.fresh_weights[:4])})")
+    n_teacher_layers = teacher.config.num_hidden_layers if teacher is not None else len(layers)
+    if not args.student:
+        layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
     try:
+        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
+            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
         layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
         cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
                            args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
-                           args.alpha_relation, args.relation_heads, layer_map)
+                           args.alpha_relation, args.relation_heads, layer_map, args.alpha_label)
         if cfg.needs_attention():
             check_capture(teacher)
     except ValueError as e:
         raise StudentError(str(e))
-    if not cfg.needs_teacher() and cfg.alpha_mlm <= 0:
-        raise DataError("every --alpha-* is 0: turn on at least one loss")
-    student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
-                            args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
-    # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
-    read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
-                                    progress=master and args.progress)
-    corpus = read(args.train)
-    seqs = make_sequences(corpus, args.seq_len, args.pack)
-    valid_corpus = read(args.valid) if args.valid else None
-    valid_seqs = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
-    for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
-        if note and master:  # what reading skipped (empty or null texts) is said, never silent
-            print(note)
-    spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
+    if not args.student:
+        if kind is not None and args.student_arch == "distilbert":
+            raise StudentError("--student-arch distilbert converts masked LMs only; drop it for a task teacher")
+        student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
+                                args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
+    if kind is not None:
+        read = lambda path: load_examples(path, tokenizer, kind, id2label, args.seq_len, args.cache_dir,
+                                          args.text_column, args.label_column, args.text_pair_column)
+        if args.valid:
+            check_metrics(kind, id2label)
+        train_data = read(args.train)
+        valid_data = read(args.valid) if args.valid else None
+        for path, data in ((args.train, train_data), (args.valid, valid_data)):
+            if data is not None and master:
+                print(examples_note(data, path))
+        if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
+            print("fine-tuning without a teacher: the records without a label teach nothing")
+        n_sequences, spec = len(train_data.starts), None
+    else:
+        # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
+        read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                                        progress=master and args.progress)
+        corpus = read(args.train)
+        train_data = make_sequences(corpus, args.seq_len, args.pack)
+        valid_corpus = read(args.valid) if args.valid else None
+        valid_data = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
+        for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+            if note and master:  # what reading skipped (empty or null texts) is said, never silent
+                print(note)
+        spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
+        n_sequences = len(train_data.starts)
+        config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": n_sequences,
+                                  "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    if kind is not None:
+        config["train_corpus"] = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
+                                  "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
-    steps_per_epoch = len(seqs.starts) // config["global_batch"]
+    steps_per_epoch = n_sequences // config["global_batch"]
     if steps_per_epoch < 1:
-        raise DataError(f"{args.train} gives {len(seqs.starts)} sequences of --seq-len {args.seq_len}: too few "
+        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {args.seq_len}: too few "
                         f"for one step of {config['global_batch']}; lower --batch-size "
                         "or --grad-accum, or pass a longer corpus")
-    return teacher, tokenizer, layers, cfg, student, corpus, seqs, valid_seqs, spec, steps_per_epoch
+    return tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch
 
 
 def make_optimizer(student, args, device):
@@ -146,15 +191,20 @@ def main(argv=None):
     # ---- inputs, all checked before anything is written or the process group starts ----
     check_out_dir(args.out, args.resume)
     check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
+    # The teacher's class says what the run does: a masked LM (kind None) or a task (tasks.py).
+    teacher = load_teacher(args.teacher) if args.teacher else None
+    kind = task_kind(teacher.config) if teacher is not None else args.task
+    if teacher is not None and args.task:
+        raise StudentError(f"--task: the task of a fine-tuned teacher comes from it, and {args.teacher} is "
+                           f"{'a masked LM' if kind is None else kind}; drop --task (or --teacher, to fine-tune)")
+    recipe_defaults(args, kind, has_teacher=teacher is not None)
     config = run_config(args, world_size, dtype_name, dtype_reason)
     ckpt_path = ckpt = None
     if args.resume:
         ckpt_path, ckpt = load_latest(args.out)
         check_resumable(ckpt["config"], config, ckpt_path)
-    teacher, tokenizer, layers, cfg, student, corpus, seqs, valid_seqs, spec, steps_per_epoch = \
-        load_inputs(args, config, master)
-    config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": len(seqs.starts),
-                              "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch = \
+        load_inputs(args, config, master, teacher, kind)
     if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
         check_same_corpus(ckpt["config"], config, ckpt_path)
     if master:  # the run's first line, once every input has passed its checks (an error stays one line)
@@ -162,12 +212,13 @@ def main(argv=None):
     n_batches = steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
     student.to(device)
-    teacher.to(device)
-    if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
-        teacher.to(dtype)
+    if teacher is not None:
+        teacher.to(device)
+        if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
+            teacher.to(dtype)
     # Parameters no active loss reaches (the MLM head when only hidden states are compared, layers past
     # the last --layer-map pair) would get no gradient, which DDP takes for an error: they do not train.
-    frozen = freeze_unreached(student, teacher, cfg)
+    frozen = freeze_unreached(student, teacher, cfg, kind)
     if frozen and master:
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
 
@@ -182,7 +233,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- resume ----
-    names = ["loss"] + [k for k in ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
+    names = ["loss"] + [k for k in ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
                         if getattr(cfg, f"alpha_{k}") > 0]
     step, teacher_ppl, skipped, window, n_logged = 0, None, 0, [0.0] * (len(names) + 1), 0
     if ckpt is not None:
@@ -212,7 +263,19 @@ def main(argv=None):
             dist.barrier()
 
     def evaluate(model_to_eval):
-        sums = masked_lm_sums(model_to_eval, valid_batches(valid_seqs, tokenizer, args.batch_size, rank, world_size),
+        """Masked LM: the held-out perplexity. Task: the scores (tasks.task_metrics) of every rank's
+        share of the held-out set, gathered, with the agreement with the teacher's predictions."""
+        if kind is not None:
+            shard = predict(model_to_eval, valid_task_batches(valid_data, tokenizer.pad_token_id, args.batch_size,
+                                                              rank, world_size), device, autocast)
+            shards = [shard]
+            if ddp:
+                shards = [None] * world_size
+                dist.all_gather_object(shards, shard)
+            predictions = {i: p for shard in shards for i, p in shard.items()}
+            return task_metrics(kind, predictions, gold(valid_data), student.config.id2label, teacher_predictions), \
+                predictions
+        sums = masked_lm_sums(model_to_eval, valid_batches(valid_data, tokenizer, args.batch_size, rank, world_size),
                               device, autocast)
         if ddp:
             dist.all_reduce(sums)
@@ -226,7 +289,11 @@ def main(argv=None):
         # Drop what a crashed run logged after the checkpoint we resume from (a new run starts empty).
         truncate_metrics(args.out, step if args.resume else -1)
     loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
-    if valid_seqs is not None and teacher_ppl is None:
+    teacher_predictions = teacher_scores = valid_scores = None
+    if valid_data is not None and kind is not None and teacher is not None:  # once per run (resumed runs too)
+        teacher_scores, teacher_predictions = evaluate(teacher)
+        log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items()}}, loggers)
+    elif valid_data is not None and kind is None and teacher_ppl is None:
         teacher_ppl = evaluate(teacher)
         log(args, master, {"step": step, "teacher_ppl": teacher_ppl}, loggers)
 
@@ -236,8 +303,14 @@ def main(argv=None):
     num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
     if num_workers:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
-    dataset = MicroBatches(seqs, tokenizer, spec, args.batch_size, args.seed, n_batches, rank, world_size,
-                           group_by_length=not args.pack)
+    if kind is None:
+        dataset = MicroBatches(train_data, tokenizer, spec, args.batch_size, args.seed, n_batches, rank, world_size,
+                               group_by_length=not args.pack)
+    else:
+        dataset = TaskBatches(train_data, tokenizer.pad_token_id, args.batch_size, args.seed, n_batches, rank,
+                              world_size)
+    # what one micro-batch's losses are divided by: rows of KD, of the masked-LM or label loss, real positions
+    count, count_keys = (count_rows, ("kd", "mlm", "cos")) if kind is None else (count_task_rows, ("kd", "label", "cos"))
     stream = iter(micro_batch_loader(dataset, step * args.grad_accum, total_steps * args.grad_accum, num_workers,
                                      pin_memory=use_cuda))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
@@ -250,12 +323,12 @@ def main(argv=None):
             # Denominators: rows counted over all micro-batches and ranks, so that accumulation and DDP
             # give the gradient of one big batch. The host counted them; the ranks' counts are summed on
             # the devices and stay there (the losses divide by device tensors: nothing is read back).
-            counts = [sum(count_rows(b, cfg)[k] for b in micro) for k in ("kd", "mlm", "cos")]
+            counts = [sum(count(b, cfg)[k] for b in micro) for k in count_keys]
             if ddp:
                 counts = host_to_device(counts, device)
                 dist.all_reduce(counts)
             # DDP averages gradients over ranks, so each rank divides by the global count / world size.
-            denominators = {"kd": counts[0] / world_size, "mlm": counts[1] / world_size, "cos": counts[2] / world_size}
+            denominators = {k: counts[j] / world_size for j, k in enumerate(count_keys)}
             lr = get_lr(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -267,7 +340,10 @@ def main(argv=None):
                     model.require_backward_grad_sync = i == len(micro) - 1
                 batch = to_device(batch, device)
                 with autocast():
-                    loss, terms = distil_step(model, teacher, batch, cfg, denominators)
+                    if kind is None:
+                        loss, terms = distil_step(model, teacher, batch, cfg, denominators)
+                    else:
+                        loss, terms = task_step(model, teacher, batch, cfg, kind, denominators)
                 scaler.scale(loss).backward()
                 losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
             scaler.unscale_(optimizer)
@@ -315,9 +391,14 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window.zero_()
                 n_logged, train_seconds, data_seconds = 0, 0.0, 0.0
-            if valid_seqs is not None and (step % args.eval_every == 0 or step == total_steps):
-                valid_ppl = evaluate(unwrap(model))
-                log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
+            if valid_data is not None and (step % args.eval_every == 0 or step == total_steps):
+                if kind is None:
+                    valid_ppl = evaluate(unwrap(model))
+                    log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
+                else:
+                    valid_scores, _ = evaluate(unwrap(model))
+                    log(args, master, {"step": step, **{f"valid_{k}": v for k, v in valid_scores.items()},
+                                       **{f"teacher_{k}": v for k, v in (teacher_scores or {}).items()}}, loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
             if saved:
@@ -333,10 +414,13 @@ def main(argv=None):
 
     if step == total_steps and master:
         save_student(student, tokenizer, args.out)
-        corpora = {"train": (args.train, len(corpus.tokens)),
-                   "valid": (args.valid, len(valid_seqs.tokens) if valid_seqs is not None else 0)}
-        write_model_card(args.out, config, teacher, student, tokenizer.mask_token, layers, step, corpora,
-                         valid_ppl, teacher_ppl)
+        if kind is None:
+            corpora = {"train": (args.train, len(train_data.tokens)),
+                       "valid": (args.valid, len(valid_data.tokens) if valid_data is not None else 0)}
+            write_model_card(args.out, config, teacher, student, tokenizer.mask_token, layers, step, corpora,
+                             valid_ppl, teacher_ppl)
+        else:
+            write_task_model_card(args.out, config, teacher, student, kind, step, valid_scores, teacher_scores)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
     if ddp:
         dist.barrier()
@@ -363,7 +447,7 @@ def log(args, master, record, loggers=()):
     """metrics.jsonl and --log's backends get every record (rank 0 only); the console, evaluations."""
     if master:
         log_metrics(args.out, record, loggers)
-        if "valid_ppl" in record or set(record) == {"step", "teacher_ppl"}:
+        if "loss" not in record and any(k.startswith(("valid_", "teacher_")) for k in record):
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
