@@ -408,7 +408,7 @@ def _pearson(a, b):
 def task_metrics(kind, predictions, labels, id2label, teacher_predictions=None):
     """Scores of `predictions` ({id: logits}) against `labels` ({id: label}, labelled examples only):
 
-        single-label: accuracy and macro-F1 (the mean over labels of each label's F1)
+        single-label: accuracy and macro-F1 (the mean over the labels that occur of each label's F1)
         multi-label:  micro-F1 over every (example, label) decision, and exact-match accuracy
         regression:   Pearson and Spearman correlations (the mean over outputs)
         token:        word accuracy and, when the labels are IOB tags (B-X, I-X, O), entity-level F1
@@ -427,8 +427,10 @@ def task_metrics(kind, predictions, labels, id2label, teacher_predictions=None):
         if kind == "single_label_classification":
             pred, true = np.array(pred), np.array(true)
             metrics["accuracy"] = float((pred == true).mean())
+            # over the labels that occur (gold or predicted), as sklearn's f1_score(average="macro"): a label
+            # absent from this set would add an F1 of 0 and cap the score below 1 however good the model
             metrics["macro_f1"] = float(np.mean([_f1(((pred == c) & (true == c)).sum(), ((pred == c) & (true != c)).sum(),
-                                                     ((pred != c) & (true == c)).sum()) for c in sorted(id2label)]))
+                                                     ((pred != c) & (true == c)).sum()) for c in np.union1d(pred, true)]))
         elif kind == "multi_label_classification":
             pred, true = np.stack(pred), np.stack(true).astype(np.int64)
             metrics["micro_f1"] = float(_f1(((pred == 1) & (true == 1)).sum(), ((pred == 1) & (true == 0)).sum(),
