@@ -591,13 +591,26 @@ def test_regression_and_multi_label_train(teachers, data, tmp_path, kind, score)
     assert config["problem_type"] == kind
 
 
-def test_fine_tuning_without_a_teacher_learns_the_labels(teachers, data, tmp_path):
-    out = run_main(tmp_path, "finetune", "--task", SINGLE, student=teachers["mlm"], train=data[SINGLE][0],
-                   valid=data[SINGLE][1], max_steps=40, lr=2e-3, batch_size=16, eval_every=40, log_every=5)
+def balanced_csv(path, n, seed):
+    """Half the texts hold the word "cat" ("pos"), half do not ("neg"): the rule, with both labels as frequent."""
+    rng, rows = random.Random(seed), []
+    others = [w for w in WORDS if w != "cat"]
+    for i in range(n):
+        words = [rng.choice(others) for _ in range(rng.randint(3, 10))]
+        if i % 2:
+            words.insert(rng.randint(0, len(words)), "cat")
+        rows.append((" ".join(words), rule(" ".join(words))))
+    return write_csv(path, ["text", "label"], rows)
+
+
+def test_fine_tuning_without_a_teacher_learns_the_labels(teachers, tmp_path):
+    train_csv, valid_csv = balanced_csv(tmp_path / "train.csv", 64, 1), balanced_csv(tmp_path / "valid.csv", 16, 2)
+    out = run_main(tmp_path, "finetune", "--task", SINGLE, student=teachers["mlm"], train=train_csv,
+                   valid=valid_csv, max_steps=30, lr=5e-3, batch_size=16, eval_every=30, log_every=5)
     records = metrics(out)
     losses = [r["loss"] for r in records if "loss" in r]
     assert all("kd" not in r for r in records if "loss" in r)
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses
     assert [r for r in records if "valid_accuracy" in r][-1]["valid_accuracy"] >= 0.75
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["architectures"] == ["BertForSequenceClassification"]
