@@ -749,3 +749,41 @@ def test_alpha_mlm_with_a_task_teacher_is_refused(teachers, data, tmp_path):
         train.main(["--teacher", teachers[SINGLE], "--train", data[SINGLE][0], "--out", str(tmp_path / "o"),
                     "--cache-dir", str(tmp_path / "c"), "--no-progress", "--alpha-mlm", "1"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["bert-uncased", "roberta", "distilbert", "modernbert", "deberta-v2"])
+def test_text_pairs_in_every_kind_of_model(name, tmp_path):
+    """Text pairs: BERT-style models read each token's segment (token_type_ids); models without segments
+    (DistilBERT, ModernBERT) take the pair as its framing alone."""
+    folder, words = family_task_teacher(name, str(tmp_path / "teacher"), SINGLE)
+    first, second = sentences(24, 1, words=words), sentences(24, 2, words=words)
+    path = write_csv(tmp_path / "pairs.csv", ["premise", "hypothesis", "label"],
+                     [(a, b, "pos" if i % 2 else "neg") for i, (a, b) in enumerate(zip(first, second))])
+    out = run_main(tmp_path, "out", teacher=folder, train=path, valid=path, max_steps=2, eval_every=2,
+                   text_column="premise", text_pair_column="hypothesis")
+    assert any("valid_accuracy" in r for r in metrics(out))
+
+
+def test_regression_and_multi_label_csv_records(tokenizer, tmp_path):
+    """A CSV cell holds a regression score, or several label names separated by commas or semicolons; an
+    empty cell is a record without a label, kept for the teacher to teach on (NaN), as in every kind."""
+    scores = write_csv(tmp_path / "r.csv", ["text", "label"], [("the cat", "0.5"), ("a dog", ""), ("red", "-2")])
+    ex = load(scores, tokenizer, tmp_path, REGRESSION, {0: "score"})
+    assert ex.labels.shape == (3, 1) and ex.labels[[0, 2], 0].tolist() == [0.5, -2.0] and np.isnan(ex.labels[1, 0])
+    assert ex.meta["records"] == 3 and ex.meta["labelled"] == 2
+    with pytest.raises(DataError, match=r"line 2: a regression label must be 1 finite number"):
+        load(write_csv(tmp_path / "r2.csv", ["text", "label"], [("the cat", "high")]), tokenizer, tmp_path,
+             REGRESSION, {0: "score"})
+    cells = write_csv(tmp_path / "m.csv", ["text", "label"], [("the cat", "cat,dog"), ("a dog", "bird; cat"),
+                                                             ("sky", ""), ("tree", "2")])
+    ex = load(cells, tokenizer, tmp_path, MULTI, dict(enumerate(ANIMALS)))
+    assert ex.labels[[0, 1, 3]].tolist() == [[1, 1, 0], [1, 0, 1], [0, 0, 1]] and np.isnan(ex.labels[2]).all()
+    assert ex.meta["labelled"] == 3
+
+
+def test_fine_tuning_token_classification_takes_tags_from_the_data(teachers, data, tmp_path):
+    out = run_main(tmp_path, "ft_token", "--task", TOKEN, student=teachers["mlm"], train=data[TOKEN][0],
+                   valid=data[TOKEN][1], max_steps=3, eval_every=3)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["id2label"] == {"0": "B-ANIMAL", "1": "O"} and config["architectures"] == ["BertForTokenClassification"]
+    assert any("valid_entity_f1" in r for r in metrics(out))
