@@ -458,6 +458,10 @@ def load_student_checkpoint(folder, kind=None, id2label=None):
         with torch.no_grad():
             for name, module in model.named_modules():
                 if not name.startswith(model.base_model_prefix) and name and hasattr(module, "reset_parameters"):
+                    # transformers' init functions skip a tensor marked loaded (_is_hf_initialized): unmark
+                    # it, or a head of the same shape for other labels keeps the checkpoint's weights
+                    for p in module.parameters(recurse=False):
+                        p._is_hf_initialized = False
                     model._init_weights(module)
     return model.train().requires_grad_(True)
 

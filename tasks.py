@@ -106,11 +106,12 @@ def label_ids(value, where, kind, label2id, path):
 def labels_from_data(path, kind, label_column, text_column, names=None):
     """id2label for fine-tuning without a task teacher: `names` (--labels) in that order if given,
     else a dataset's ClassLabel names, else the sorted label values found in the data (whole
-    numbers 0..K-1 are ids, named LABEL_i as transformers names them); regression: one output."""
+    numbers 0..K-1 are ids, named LABEL_i as transformers names them); regression: one output per
+    name of `names`, else one."""
+    if names:  # before regression's default: --labels names a multi-output regression's outputs
+        return dict(enumerate(names))
     if kind == "regression":
         return {0: "score"}
-    if names:
-        return dict(enumerate(names))
     if is_dataset(path):
         feature = open_dataset(path).features.get(label_column)
         feature = getattr(feature, "feature", feature)  # a Sequence of ClassLabel (token tags, multi-label)

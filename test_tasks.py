@@ -473,6 +473,13 @@ def test_labels_from_data(tmp_path):
     assert tasks.labels_from_data(ids, SINGLE, "label", "text") == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
     assert tasks.labels_from_data(names, SINGLE, "label", "text", ["pos", "neg"]) == {0: "pos", 1: "neg"}
     assert tasks.labels_from_data(names, REGRESSION, "label", "text") == {0: "score"}
+    assert tasks.labels_from_data(names, REGRESSION, "label", "text", ["sim", "rel"]) == {0: "sim", 1: "rel"}
+    tags = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O", "B-X"]}, {"tokens": ["c"]}])
+    assert tasks.labels_from_data(tags, TOKEN, "ner_tags", "tokens") == {0: "B-X", 1: "O"}
+    multi = write_csv(tmp_path / "m.csv", ["text", "label"], [("a", "x;y"), ("b", "z"), ("c", "")])
+    assert tasks.labels_from_data(multi, MULTI, "label", "text") == {0: "x", 1: "y", 2: "z"}
+    with pytest.raises(DataError, match="no labels in column 'label'"):
+        tasks.labels_from_data(write_csv(tmp_path / "e.csv", ["text", "label"], [("a", "")]), SINGLE, "label", "text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,3 +794,18 @@ def test_fine_tuning_token_classification_takes_tags_from_the_data(teachers, dat
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["id2label"] == {"0": "B-ANIMAL", "1": "O"} and config["architectures"] == ["BertForTokenClassification"]
     assert any("valid_entity_f1" in r for r in metrics(out))
+
+
+def test_student_checkpoint_keeps_a_head_of_the_same_labels_only(teachers):
+    from student import load_student_checkpoint
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(teachers[SINGLE], "model.safetensors"))
+    same = load_student_checkpoint(teachers[SINGLE], SINGLE, NEG_POS)
+    assert same.fresh_weights == [] and same.training
+    assert torch.equal(same.classifier.weight, saved["classifier.weight"])
+    other = load_student_checkpoint(teachers[SINGLE], SINGLE, {0: "no", 1: "yes"})  # same shape, other labels
+    assert "classifier.weight" in other.fresh_weights and not torch.equal(other.classifier.weight, saved["classifier.weight"])
+    assert torch.equal(other.bert.embeddings.word_embeddings.weight, saved["bert.embeddings.word_embeddings.weight"])
+    assert other.config.id2label == {0: "no", 1: "yes"}
+    mlm = load_student_checkpoint(teachers["mlm"], REGRESSION, {0: "score"})
+    assert mlm.config.problem_type == REGRESSION and mlm.config.num_labels == 1 and "classifier.weight" in mlm.fresh_weights
