@@ -216,7 +216,8 @@ def task_model_card(run, teacher, student, kind, steps, scores, teacher_scores):
         summary = f"A {student.config.num_hidden_layers}-layer model fine-tuned on labelled data ({kind}), no teacher."
     rows = ""
     names = sorted({k for d in (scores or {}, teacher_scores or {}) for k in d if k != "examples"})
-    fmt = lambda d, k: "–" if not d or k not in d else f"{100 * d[k]:.2f}" if k != "pearson" and k != "spearman" \
+    # a regression's scores, its agreement included (a Pearson correlation with the teacher), are correlations
+    fmt = lambda d, k: "–" if not d or k not in d else f"{100 * d[k]:.2f}" if kind != "regression" \
         else f"{d[k]:.4f}"
     for k in names:
         rows += f"| held-out {k.replace('_', ' ')} | {fmt(teacher_scores, k)} | {fmt(scores, k)} |\n"

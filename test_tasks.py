@@ -596,6 +596,12 @@ def test_regression_and_multi_label_train(teachers, data, tmp_path, kind, score)
     assert any(f"valid_{score}" in r for r in records) and any(f"teacher_{score}" in r for r in records)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["problem_type"] == kind
+    card = open(os.path.join(out, "README.md")).read()
+    last = [r for r in records if f"valid_{score}" in r][-1]
+    row = next(line for line in card.splitlines() if line.startswith("| held-out agreement"))
+    shown = float(row.split("|")[3])
+    # a regression's agreement is a correlation, shown as one; the classifications' scores are in %
+    assert shown == pytest.approx(last["valid_agreement"] * (1 if kind == REGRESSION else 100), abs=1e-2)
 
 
 def balanced_csv(path, n, seed):
@@ -809,3 +815,15 @@ def test_student_checkpoint_keeps_a_head_of_the_same_labels_only(teachers):
     assert other.config.id2label == {0: "no", 1: "yes"}
     mlm = load_student_checkpoint(teachers["mlm"], REGRESSION, {0: "score"})
     assert mlm.config.problem_type == REGRESSION and mlm.config.num_labels == 1 and "classifier.weight" in mlm.fresh_weights
+
+
+def test_fine_tuning_refuses_teacher_losses_and_needs_a_student(teachers, data, tmp_path, capsys):
+    common = ["--task", SINGLE, "--train", data[SINGLE][0], "--out", str(tmp_path / "o"), "--cache-dir",
+              str(tmp_path / "c"), "--no-progress"]
+    with pytest.raises(SystemExit, match="--alpha-kd compare the student with a teacher") as e:
+        train.main(common + ["--student", teachers["mlm"], "--alpha-kd", "1"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit):
+        train.main(common)
+    assert "--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
