@@ -817,13 +817,23 @@ def test_student_checkpoint_keeps_a_head_of_the_same_labels_only(teachers):
     assert mlm.config.problem_type == REGRESSION and mlm.config.num_labels == 1 and "classifier.weight" in mlm.fresh_weights
 
 
-def test_fine_tuning_refuses_teacher_losses_and_needs_a_student(teachers, data, tmp_path, capsys):
+def test_fine_tuning_refuses_teacher_losses_and_needs_a_student(teachers, data, tmp_path):
     common = ["--task", SINGLE, "--train", data[SINGLE][0], "--out", str(tmp_path / "o"), "--cache-dir",
               str(tmp_path / "c"), "--no-progress"]
     with pytest.raises(SystemExit, match="--alpha-kd compare the student with a teacher") as e:
         train.main(common + ["--student", teachers["mlm"], "--alpha-kd", "1"])
     assert "\n" not in str(e.value)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER"):
         train.main(common)
-    assert "--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_fresh_task_head_is_drawn_from_the_seed(teachers, data, tmp_path):
+    """--student with a fresh head: the same --seed gives the same head whatever ran before in the process."""
+    from safetensors.torch import load_file
+    run = lambda name, seed: load_file(os.path.join(run_main(
+        tmp_path, name, "--task", SINGLE, student=teachers["mlm"], train=data[SINGLE][0], max_steps=1, lr=1e-12,
+        seed=seed), "model.safetensors"))["classifier.weight"]
+    first = run("a", 1)
+    torch.rand(100)  # another random state
+    assert torch.equal(run("b", 1), first) and not torch.equal(run("c", 2), first)

@@ -82,6 +82,8 @@ def load_inputs(args, config, master, teacher, kind):
     if kind is not None:
         id2label = teacher.config.id2label if teacher is not None else labels_from_data(
             args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
+    if kind is not None:  # a task head drawn at random (--student, or a fresh head) is drawn from --seed, not
+        torch.manual_seed(args.seed)  # from whatever the process's random state happens to be
     student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
     source = teacher if teacher is not None else student
     tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
