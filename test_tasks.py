@@ -659,10 +659,13 @@ def test_two_ranks_equal_one_for_a_task_run(teachers, data, tmp_path):
                 seq_len=32, max_steps=5, dtype="fp32", log_every=1, eval_every=5, no_progress=True)
     ok(run(flags(base, out=str(tmp_path / "two"), batch_size=4), nproc=2))
     ok(run(flags(base, out=str(tmp_path / "one"), batch_size=8)))
-    two, one = weights(str(tmp_path / "two")), weights(str(tmp_path / "one"))
-    assert two.keys() == one.keys()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5 * max(1.0, one[k].abs().max().item()))
+    ok(run(flags(base, out=str(tmp_path / "accumulated"), batch_size=4, grad_accum=2)))
+    one = weights(str(tmp_path / "one"))
+    for other in ("two", "accumulated"):
+        theirs = weights(str(tmp_path / other))
+        assert theirs.keys() == one.keys()
+        for k in one:  # to the summation order's rounding (see test_ddp.py)
+            torch.testing.assert_close(theirs[k], one[k], rtol=1e-5, atol=1e-5 * max(1.0, one[k].abs().max().item()))
     ma, mb = metrics(str(tmp_path / "two")), metrics(str(tmp_path / "one"))
     va = [r for r in ma if "valid_accuracy" in r][-1]
     vb = [r for r in mb if "valid_accuracy" in r][-1]
@@ -837,3 +840,34 @@ def test_a_fresh_task_head_is_drawn_from_the_seed(teachers, data, tmp_path):
     first = run("a", 1)
     torch.rand(100)  # another random state
     assert torch.equal(run("b", 1), first) and not torch.equal(run("c", 2), first)
+
+
+def test_token_truncation_keeps_the_words_before_the_cut(tmp_path):
+    folder = make_task_teacher(str(tmp_path / "t"), TOKEN, labels=TAGS)
+    tokenizer = load_tok(folder)
+    path = write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["the", "catdog", "sat"], "ner_tags": ["O", "B-ANIMAL", "O"]}])
+    ex = tasks.load_examples(path, tokenizer, TOKEN, dict(enumerate(TAGS)), 6, str(tmp_path / "cache"), "tokens",
+                             "ner_tags")
+    assert tokenizer.convert_ids_to_tokens(ex.input_ids.tolist()) == ["[CLS]", "the", "cat", "##d", "##o", "[SEP]"]
+    assert ex.token_labels.tolist() == [-100, 0, 1, -100, -100, -100]
+    assert ex.meta["truncated"] == 1 and ex.meta["words_lost"] == 1
+    assert tasks.gold(ex)[0].tolist() == [0, 1]  # the words kept, as predict returns them
+
+
+def test_saved_datasets_with_class_labels(tokenizer, tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+    sentiment = Dataset.from_dict({"text": ["the cat sat", "a dog ran", "red sky"], "label": [1, 0, 1]},
+                                  features=Features({"text": Value("string"),
+                                                     "label": ClassLabel(names=["bad", "good"])}))
+    sentiment.save_to_disk(str(tmp_path / "sentiment"))
+    id2label = tasks.labels_from_data(str(tmp_path / "sentiment"), SINGLE, "label", "text")
+    assert id2label == {0: "bad", 1: "good"}
+    assert load(tmp_path / "sentiment", tokenizer, tmp_path, id2label=id2label).labels.tolist() == [1, 0, 1]
+    ner = Dataset.from_dict({"tokens": [["the", "cat"], ["a", "dog", "ran"]], "ner_tags": [[0, 1], [0, 1, 0]]},
+                            features=Features({"tokens": Sequence(Value("string")),
+                                               "ner_tags": Sequence(ClassLabel(names=list(TAGS)))}))
+    ner.save_to_disk(str(tmp_path / "ner"))
+    id2label = tasks.labels_from_data(str(tmp_path / "ner"), TOKEN, "ner_tags", "tokens")
+    assert id2label == dict(enumerate(TAGS))
+    ex = load(tmp_path / "ner", tokenizer, tmp_path, TOKEN, id2label, text="tokens", label="ner_tags")
+    assert ex.token_labels[ex.word_mask].tolist() == [0, 1, 0, 1, 0]
