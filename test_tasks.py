@@ -605,11 +605,14 @@ def test_regression_and_multi_label_train(teachers, data, tmp_path, kind, score)
 
 
 def balanced_csv(path, n, seed):
-    """Half the texts hold the word "cat" ("pos"), half do not ("neg"): the rule, with both labels as frequent."""
+    """Half the texts hold the word "cat" ("pos"), half do not ("neg"), and each half draws its other words
+    from its own half of the vocabulary: a rule every token carries, which a tiny random encoder learns in
+    tens of steps whatever its seed (the word "cat" alone takes a few hundred)."""
     rng, rows = random.Random(seed), []
     others = [w for w in WORDS if w != "cat"]
+    halves = others[::2], others[1::2]
     for i in range(n):
-        words = [rng.choice(others) for _ in range(rng.randint(3, 10))]
+        words = [rng.choice(halves[i % 2]) for _ in range(rng.randint(3, 10))]
         if i % 2:
             words.insert(rng.randint(0, len(words)), "cat")
         rows.append((" ".join(words), rule(" ".join(words))))
@@ -623,7 +626,7 @@ def test_fine_tuning_without_a_teacher_learns_the_labels(teachers, tmp_path):
     records = metrics(out)
     losses = [r["loss"] for r in records if "loss" in r]
     assert all("kd" not in r for r in records if "loss" in r)
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
     assert [r for r in records if "valid_accuracy" in r][-1]["valid_accuracy"] >= 0.75
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["architectures"] == ["BertForSequenceClassification"]
