@@ -292,7 +292,8 @@ def main(argv=None):
     teacher_predictions = teacher_scores = valid_scores = None
     if valid_data is not None and kind is not None and teacher is not None:  # once per run (resumed runs too)
         teacher_scores, teacher_predictions = evaluate(teacher)
-        log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items()}}, loggers)
+        log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items() if k != "examples"}},
+            loggers)
     elif valid_data is not None and kind is None and teacher_ppl is None:
         teacher_ppl = evaluate(teacher)
         log(args, master, {"step": step, "teacher_ppl": teacher_ppl}, loggers)
@@ -397,8 +398,9 @@ def main(argv=None):
                     log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
                 else:
                     valid_scores, _ = evaluate(unwrap(model))
-                    log(args, master, {"step": step, **{f"valid_{k}": v for k, v in valid_scores.items()},
-                                       **{f"teacher_{k}": v for k, v in (teacher_scores or {}).items()}}, loggers)
+                    log(args, master, {"step": step, **{f"valid_{k}": v for k, v in valid_scores.items() if k != "examples"},
+                                       **{f"teacher_{k}": v for k, v in (teacher_scores or {}).items()
+                                          if k not in ("examples", "agreement")}}, loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
             if saved:
