@@ -83,12 +83,16 @@ def load_inputs(args, config, master, teacher, kind):
         id2label = teacher.config.id2label if teacher is not None else labels_from_data(
             args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
     student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
+    if student is not None and kind is None and task_kind(student.config) is not None:
+        raise StudentError(f"--student {args.student} is a {task_kind(student.config)} model and the teacher a masked "
+                           "LM; start a masked-LM student from a masked LM (or drop --student)")
     source = teacher if teacher is not None else student
     tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
                                words=kind == "token_classification")
     max_len = usable_positions(source)
-    if args.seq_len is None:  # 128, or the teacher's positions if fewer
-        args.seq_len = config["seq_len"] = min(128, max_len)
+    if args.seq_len is None:  # 128, or the teacher's positions if fewer (config keeps None: what was asked)
+        args.seq_len = min(128, max_len)
+    config["seq_len_used"] = args.seq_len
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
