@@ -26,7 +26,8 @@ CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
               "grad_accum", "world_size", "out", "compile", "num_workers", "dtype_requested", "dtype_reason",
-              "train_corpus"}  # the last: compared by check_same_corpus once the corpus is loaded
+              "train_corpus", "seq_len_used"}  # train_corpus: compared by check_same_corpus once the corpus is
+# loaded; seq_len_used: what --seq-len (compared) resolved to
 
 
 class CheckpointError(ValueError):

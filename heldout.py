@@ -1,11 +1,15 @@
-"""Evaluate a distilled student against its teacher: perplexity, agreement, size and speed.
+"""Evaluate a distilled student against its teacher: perplexity or task scores, agreement, size and speed.
 
     python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.txt
+    python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.csv      # task models: labelled data
 
-prints the held-out masked-LM perplexity of both models, how often the student's top-1 prediction
-at a masked position is the teacher's, their parameter counts, and the student's inference speed-up
-over the teacher on the same batch. The masks are fixed (a constant seed, uniform masking), so
-numbers compare across runs and across students. train.py uses the same functions for validation.
+For masked LMs, prints the held-out masked-LM perplexity of both models, how often the student's
+top-1 prediction at a masked position is the teacher's, their parameter counts, and the student's
+inference speed-up over the teacher on the same batch. The masks are fixed (a constant seed,
+uniform masking), so numbers compare across runs and across students. For models fine-tuned on a
+task (sequence or token classification), the task's scores of both (tasks.task_metrics: accuracy
+and macro-F1, micro-F1, Pearson and Spearman, or entity F1) and how often the student agrees with
+the teacher; --teacher is optional there. train.py uses the same functions for validation.
 """
 
 import argparse
@@ -22,7 +26,7 @@ import transformers
 from data import DataError, default_cache_dir, load_corpus, make_batch, make_sequences, mask_spec
 from distil import forward_at_rows
 from precision import DTYPES, autocast_for
-from student import StudentError, load_teacher, load_tokenizer, usable_positions
+from student import StudentError, load_teacher, load_tokenizer, task_kind, usable_positions
 
 VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
 
@@ -102,9 +106,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="folder of a distilled student (train.py's --out)")
-    p.add_argument("--teacher", required=True, help="the teacher it was distilled from (hub name or folder)")
-    p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl)")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); optional for a task")
+    p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl), or labelled data")
+    p.add_argument("--text-column", help="default: text (token classification: tokens)")
+    p.add_argument("--text-pair-column", help="tasks on text pairs: the second text's column")
+    p.add_argument("--label-column", help="tasks: default label (token classification: ner_tags)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: ~/.cache/bert-distil)")
@@ -116,8 +122,14 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_for(device, DTYPES[args.dtype])
-    teacher = load_teacher(args.teacher).to(device)
     student = load_teacher(args.student).to(device)
+    kind = task_kind(student.config)
+    if kind is not None:
+        return evaluate_task(args, student, kind, device, autocast)
+    if not args.teacher:
+        raise StudentError(f"{args.student} is a masked LM: pass --teacher to compare it with")
+    args.text_column = args.text_column or "text"
+    teacher = load_teacher(args.teacher).to(device)
     tokenizer = load_tokenizer(teacher, args.teacher)
     seq_len = min(args.seq_len, usable_positions(teacher), usable_positions(student))
     corpus = load_corpus(args.valid, tokenizer, args.cache_dir or default_cache_dir(), args.text_column)
@@ -149,6 +161,47 @@ def main(argv=None):
           f"{r['teacher_ms']:.1f} ms | {r['student_ms']:.1f} ms ({r['speedup']:.2f}x faster) |\n"
           f"| top-1 agreement with the teacher at masked positions | | {100 * r['top1_agreement']:.1f}% |\n"
           f"({r['masked_positions']} masked positions)")
+    return result
+
+
+def evaluate_task(args, student, kind, device, autocast):
+    """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
+    from tasks import check_metrics, examples_note, gold, load_examples, predict, task_metrics, valid_task_batches
+
+    teacher = load_teacher(args.teacher).to(device) if args.teacher else None
+    if teacher is not None and task_kind(teacher.config) != kind:
+        raise StudentError(f"--teacher {args.teacher} is not a {kind} model as {args.student} is")
+    tokenizer = load_tokenizer(student, args.student, masked_lm=False, words=kind == "token_classification")
+    token = kind == "token_classification"
+    id2label = student.config.id2label
+    check_metrics(kind, id2label)
+    examples = load_examples(args.valid, tokenizer, kind, id2label, min(args.seq_len, usable_positions(student)),
+                             args.cache_dir or default_cache_dir(), args.text_column or ("tokens" if token else "text"),
+                             args.label_column or ("ner_tags" if token else "label"), args.text_pair_column)
+    print(examples_note(examples, args.valid), file=sys.stderr)
+    batches = lambda: valid_task_batches(examples, tokenizer.pad_token_id, args.batch_size)
+    labels = gold(examples)
+    teacher_predictions = predict(teacher, batches(), device, autocast) if teacher is not None else None
+    scores = task_metrics(kind, predict(student, batches(), device, autocast), labels, id2label, teacher_predictions)
+    result = {"kind": kind, "student": scores,
+              "teacher": task_metrics(kind, teacher_predictions, labels, id2label) if teacher is not None else None,
+              "student_params": sum(p.numel() for p in student.parameters())}
+    batch = to_device(next(batches()), device)
+    result["student_ms"] = inference_ms(student, batch, device, autocast)
+    if teacher is not None:
+        result["teacher_params"] = sum(p.numel() for p in teacher.parameters())
+        result["teacher_ms"] = inference_ms(teacher, batch, device, autocast)
+    if args.json:
+        print(json.dumps(result))
+        return result
+    fmt = lambda d, k: "" if not d or k not in d else f"{d[k]:.4f}" if k in ("pearson", "spearman") else f"{100 * d[k]:.2f}"
+    print("| | teacher | student |\n|---|---|---|")
+    for k in (k for k in scores if k != "examples"):
+        print(f"| {k.replace('_', ' ')} | {fmt(result['teacher'], k)} | {fmt(scores, k)} |")
+    print(f"| parameters | {result.get('teacher_params', 0) / 1e6:.1f}M | {result['student_params'] / 1e6:.1f}M |\n"
+          f"| forward, {batch['input_ids'].shape[0]}x{batch['input_ids'].shape[1]} tokens ({device}, {args.dtype}) | "
+          f"{result.get('teacher_ms', float('nan')):.1f} ms | {result['student_ms']:.1f} ms |\n"
+          f"({scores['examples']} labelled examples; scores in %, correlations as they are)")
     return result
 
 

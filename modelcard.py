@@ -140,7 +140,7 @@ def model_card(run, teacher, student, mask_token, layers, steps, corpora, valid_
 - {'Student initialised' if distilled else 'Initialised'} from {init}.
 - Loss = {loss}.
 - Masking: {100 * run.get('mlm_prob', 0.15):g}% of the tokens (80% {mask_token}, 10% random, 10% unchanged){smoothing}.
-- {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run['seq_len']} tokens
+- {steps:,} optimizer steps of {run['global_batch']:,} sequences of up to {run.get('seq_len_used') or run['seq_len']} tokens
   ({'packed' if run.get('pack', True) else 'one document each'}); AdamW, peak learning rate {run['lr']:g},
   betas ({run['adam_betas']}), eps {run['adam_eps']:g}, weight decay {run['weight_decay']:g},
   {100 * run['warmup']:g}% linear warmup then linear decay, gradient clipping at {run['clip']:g}, seed {run['seed']}.
@@ -240,7 +240,7 @@ Scores in % (Pearson and Spearman as correlations); agreement is with the teache
 
 - Started from {start}; labels: {labels}.
 - Loss = {loss}.
-- {steps:,} optimizer steps of {run['global_batch']:,} examples of up to {run['seq_len']} tokens; AdamW, peak
+- {steps:,} optimizer steps of {run['global_batch']:,} examples of up to {run.get('seq_len_used') or run['seq_len']} tokens; AdamW, peak
   learning rate {run['lr']:g}, {100 * run['warmup']:g}% warmup then linear decay, clipping at {run['clip']:g},
   seed {run['seed']}.
 - Data: `{_source_name(run['train'])}`{f", held out: `{_source_name(run['valid'])}`" if run.get('valid') else ''}.

@@ -95,3 +95,47 @@ def test_one_read_per_step_and_none_per_micro_step(setup, recipe):
     assert one == {"tolist": 1.0}, one  # the skip-or-stop decision: loss, gradient norm, stop flag
     four = reads_per_step(setup, "accum4-" + "-".join(recipe), "--grad-accum", "4", *recipe)
     assert four == one, four  # three more micro-steps per step, not one read more
+
+
+@pytest.fixture(scope="module")
+def task_setup(tmp_path_factory):
+    """A tiny fine-tuned (single-label) teacher and labelled texts, some without a label."""
+    import csv
+    import random
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from conftest import WORDS, write_bert_vocab
+
+    folder = tmp_path_factory.mktemp("sync_task")
+    teacher = str(folder / "teacher")
+    os.makedirs(teacher)
+    vocab = write_bert_vocab(os.path.join(teacher, "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, id2label={0: "neg", 1: "pos"},
+                        label2id={"neg": 0, "pos": 1})
+    BertForSequenceClassification(config).save_pretrained(teacher)
+    BertTokenizer(vocab=os.path.join(teacher, "vocab.txt")).save_pretrained(teacher)
+    rng = random.Random(0)
+    with open(folder / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(200):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 20))]
+            writer.writerow([" ".join(words), "" if i % 5 == 0 else ("pos" if "cat" in words else "neg")])
+    base = ["--teacher", teacher, "--train", str(folder / "train.csv"), "--layers", "0", "--batch-size", "4",
+            "--log-every", "1000", "--save-every", "1000", "--no-progress", "--cache-dir", str(folder / "cache"),
+            "--dtype", "fp32"]
+    return base, folder
+
+
+def test_task_steps_read_only_where_transformers_checks_the_padding(task_setup):
+    """A task step reads back once (loss, gradient norm, stop flag) plus, in every micro-step, the one
+    read inside each model's forward that transformers makes on a padded batch (its SDPA mask
+    builder asks padding_mask.all() to drop the mask): teacher and student, 2 per micro-step.
+    Task batches are padded to their longest text; nothing of this project's own reads inside."""
+    one = reads_per_step(task_setup, "task-accum1", "--alpha-cos", "1")
+    assert one == {"tolist": 1.0, "aten::_local_scalar_dense": 2.0}, one
+    four = reads_per_step(task_setup, "task-accum4", "--alpha-cos", "1", "--grad-accum", "4")
+    assert four == {"tolist": 1.0, "aten::_local_scalar_dense": 8.0}, four

@@ -85,12 +85,16 @@ def load_inputs(args, config, master, teacher, kind):
     if kind is not None:  # a task head drawn at random (--student, or a fresh head) is drawn from --seed, not
         torch.manual_seed(args.seed)  # from whatever the process's random state happens to be
     student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
+    if student is not None and kind is None and task_kind(student.config) is not None:
+        raise StudentError(f"--student {args.student} is a {task_kind(student.config)} model and the teacher a masked "
+                           "LM; start a masked-LM student from a masked LM (or drop --student)")
     source = teacher if teacher is not None else student
     tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
                                words=kind == "token_classification")
     max_len = usable_positions(source)
-    if args.seq_len is None:  # 128, or the teacher's positions if fewer
-        args.seq_len = config["seq_len"] = min(128, max_len)
+    if args.seq_len is None:  # 128, or the teacher's positions if fewer (config keeps None: what was asked)
+        args.seq_len = min(128, max_len)
+    config["seq_len_used"] = args.seq_len
     if args.seq_len > max_len:
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
@@ -294,7 +298,8 @@ def main(argv=None):
     teacher_predictions = teacher_scores = valid_scores = None
     if valid_data is not None and kind is not None and teacher is not None:  # once per run (resumed runs too)
         teacher_scores, teacher_predictions = evaluate(teacher)
-        log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items()}}, loggers)
+        log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items() if k != "examples"}},
+            loggers)
     elif valid_data is not None and kind is None and teacher_ppl is None:
         teacher_ppl = evaluate(teacher)
         log(args, master, {"step": step, "teacher_ppl": teacher_ppl}, loggers)
@@ -399,8 +404,9 @@ def main(argv=None):
                     log(args, master, {"step": step, "valid_ppl": valid_ppl, "teacher_ppl": teacher_ppl}, loggers)
                 else:
                     valid_scores, _ = evaluate(unwrap(model))
-                    log(args, master, {"step": step, **{f"valid_{k}": v for k, v in valid_scores.items()},
-                                       **{f"teacher_{k}": v for k, v in (teacher_scores or {}).items()}}, loggers)
+                    log(args, master, {"step": step, **{f"valid_{k}": v for k, v in valid_scores.items() if k != "examples"},
+                                       **{f"teacher_{k}": v for k, v in (teacher_scores or {}).items()
+                                          if k not in ("examples", "agreement")}}, loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
             if saved:
