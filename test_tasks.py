@@ -874,3 +874,13 @@ def test_saved_datasets_with_class_labels(tokenizer, tmp_path):
     assert id2label == dict(enumerate(TAGS))
     ex = load(tmp_path / "ner", tokenizer, tmp_path, TOKEN, id2label, text="tokens", label="ner_tags")
     assert ex.token_labels[ex.word_mask].tolist() == [0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("kind,score", [(REGRESSION, "pearson"), (MULTI, "micro_f1")])
+def test_fine_tuning_regression_and_multi_label(teachers, data, tmp_path, kind, score):
+    out = run_main(tmp_path, "ft", "--task", kind, student=teachers["mlm"], train=data[kind][0], valid=data[kind][1],
+                   max_steps=2, eval_every=2)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["problem_type"] == kind
+    assert config["id2label"] == ({"0": "score"} if kind == REGRESSION else {str(i): a for i, a in enumerate(sorted(ANIMALS))})
+    assert any(f"valid_{score}" in r for r in metrics(out))
