@@ -235,7 +235,7 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     masked position adds 0 to the masked-position terms.
     """
     batch = with_rows(batch)
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    input_ids = batch["input_ids"]
     # no padding (packed sequences): no mask at all, so the model builds none and SDPA runs its fastest kernel
     attention_mask = batch["attention_mask"] if batch["padded"] else None
     real_rows = batch["real_rows"] if batch["padded"] else None  # None: every position

@@ -1,12 +1,15 @@
-"""Distil a BERT-family masked LM into a student made of some of its layers (DistilBERT's recipe).
+"""Distil a BERT-family teacher into a student made of some of its layers (DistilBERT's recipe): a
+masked LM on a corpus, or a teacher fine-tuned on a task on the task's labelled data.
 
 One process:      python train.py --teacher bert-base-uncased --train corpus.txt --out runs/distil
+A task teacher:   python train.py --teacher my-finetuned-bert --train train.csv --valid valid.csv --out runs/task
 One node, 8 GPUs: torchrun --nproc_per_node=8 train.py --config configs/distilbert-base-uncased.json ...
 
-The loop, top to bottom: flags -> distributed setup -> teacher, tokenizer, corpus (all checked
-before anything is written) -> student, DDP, optimizer -> resume -> for each step: fetch the
-micro-batches, agree on the denominators (and on stopping) across ranks, forward/backward each
-micro-batch, clip, step, log, evaluate, checkpoint -> save the student in Hugging Face format.
+The loop, top to bottom: flags -> distributed setup -> teacher (its class says masked LM or task),
+tokenizer, data (all checked before anything is written, run_inputs.py) -> student, DDP,
+optimizer -> resume -> for each step: fetch the micro-batches, agree on the denominators (and on
+stopping) across ranks, forward/backward each micro-batch (distil_step, or task_step), clip, step,
+log, evaluate, checkpoint -> save the student in Hugging Face format.
 """
 
 import json
@@ -25,19 +28,16 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
                         load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
                         truncate_metrics)
-from data import (DataError, MicroBatches, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec,
-                  micro_batch_loader)
-from distil import (DistilConfig, check_capture, count_rows, count_task_rows, distil_step, freeze_unreached,
-                    parse_layer_map, task_step, unwrap)
+from data import DataError, MicroBatches, micro_batch_loader
+from distil import count_rows, count_task_rows, distil_step, freeze_unreached, task_step, unwrap
 from flags import parse_args, recipe_defaults
 from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
-from student import (StudentError, build_student, check_layers, compile_layers, load_student_checkpoint,
-                     load_teacher, load_tokenizer, make_student, save_student, task_kind, usable_positions)
-from tasks import (PRIMARY, TaskBatches, check_metrics, examples_digest, examples_note, gold, labels_from_data, load_examples,
-                   predict, task_metrics, valid_task_batches)
+from run_inputs import load_inputs
+from student import StudentError, compile_layers, load_teacher, save_student, task_kind
+from tasks import TaskBatches, gold, predict, task_metrics, valid_task_batches
 
 
 def get_lr(step, total_steps, args):
@@ -68,103 +68,6 @@ def setup_device(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return rank, local_rank, world_size, device
-
-
-def load_inputs(args, config, master, teacher, kind):
-    """Tokenizer, recipe, student and data, each checked (one-line errors) before anything is written
-    or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py)."""
-    try:
-        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
-    except ValueError:
-        raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
-    # the student: the teacher's layers (its head copied), or --student's checkpoint (a fresh task head)
-    id2label = None
-    if kind is not None:
-        id2label = teacher.config.id2label if teacher is not None else labels_from_data(
-            args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
-    if kind is not None:  # a task head drawn at random (--student, or a fresh head) is drawn from --seed, not
-        torch.manual_seed(args.seed)  # from whatever the process's random state happens to be
-    student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
-    if student is not None and kind is None and task_kind(student.config) is not None:
-        raise StudentError(f"--student {args.student} is a {task_kind(student.config)} model and the teacher a masked "
-                           "LM; start a masked-LM student from a masked LM (or drop --student)")
-    source = teacher if teacher is not None else student
-    tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
-                               words=kind == "token_classification")
-    max_len = usable_positions(source)
-    if args.seq_len is None:  # 128, or the teacher's positions if fewer (config keeps None: what was asked)
-        args.seq_len = min(128, max_len)
-    config["seq_len_used"] = args.seq_len
-    if args.seq_len > max_len:
-        raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
-                        f"use --seq-len {max_len} or less")
-    if student is not None:
-        if len(tokenizer) > student.get_input_embeddings().num_embeddings:
-            raise StudentError(f"--student {args.student}: its embeddings have fewer rows than the teacher's "
-                               "tokenizer has tokens; start from a checkpoint of the teacher's tokenizer")
-        if layers is not None:  # a subset of the checkpoint's own layers
-            student = make_student(student, check_layers(layers, student.config.num_hidden_layers))
-        layers = list(range(student.config.num_hidden_layers))
-        if master and student.fresh_weights:
-            print(f"--student {args.student}: fresh task head ({', '.join(student.fresh_weights[:4])})")
-    n_teacher_layers = teacher.config.num_hidden_layers if teacher is not None else len(layers)
-    if not args.student:
-        layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
-    try:
-        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
-            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
-        layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
-        cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
-                           args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
-                           args.alpha_relation, args.relation_heads, layer_map, args.alpha_label)
-        if cfg.needs_attention():
-            check_capture(teacher)
-    except ValueError as e:
-        raise StudentError(str(e))
-    if not args.student:
-        if kind is not None and args.student_arch == "distilbert":
-            raise StudentError("--student-arch distilbert converts masked LMs only; drop it for a task teacher")
-        student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
-                                args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
-    if kind is not None:
-        read = lambda path: load_examples(path, tokenizer, kind, id2label, args.seq_len, args.cache_dir,
-                                          args.text_column, args.label_column, args.text_pair_column)
-        if args.valid:
-            check_metrics(kind, id2label)
-        train_data = read(args.train)
-        valid_data = read(args.valid) if args.valid else None
-        for path, data in ((args.train, train_data), (args.valid, valid_data)):
-            if data is not None and master:
-                print(examples_note(data, path))
-        if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
-            print("fine-tuning without a teacher: the records without a label teach nothing")
-        n_sequences, spec = len(train_data.starts), None
-    else:
-        # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
-        read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
-                                        progress=master and args.progress)
-        corpus = read(args.train)
-        train_data = make_sequences(corpus, args.seq_len, args.pack)
-        valid_corpus = read(args.valid) if args.valid else None
-        valid_data = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
-        for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
-            if note and master:  # what reading skipped (empty or null texts) is said, never silent
-                print(note)
-        spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
-        n_sequences = len(train_data.starts)
-        config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": n_sequences,
-                                  "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
-    if kind is not None:
-        config["train_corpus"] = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
-                                  "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
-    # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
-    # so that a run resumed on another number of GPUs (same global batch) sees the same data.
-    steps_per_epoch = n_sequences // config["global_batch"]
-    if steps_per_epoch < 1:
-        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {args.seq_len}: too few "
-                        f"for one step of {config['global_batch']}; lower --batch-size "
-                        "or --grad-accum, or pass a longer corpus")
-    return tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch
 
 
 def make_optimizer(student, args, device):

@@ -1,0 +1,108 @@
+"""What a train.py run reads, checked before anything is written or the process group starts:
+the tokenizer, the recipe, the student and the data, for a masked-LM teacher (a corpus) or a
+task (labelled data, tasks.py). Every problem is a one-line StudentError or DataError."""
+
+import torch
+
+from data import DataError, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec
+from distil import DistilConfig, check_capture, parse_layer_map
+from student import (StudentError, build_student, check_layers, load_student_checkpoint, load_tokenizer,
+                     make_student, task_kind, usable_positions)
+from tasks import check_metrics, examples_digest, examples_note, labels_from_data, load_examples
+
+
+def load_inputs(args, config, master, teacher, kind):
+    """Tokenizer, recipe, student and data, each checked (one-line errors) before anything is written
+    or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py)."""
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
+    except ValueError:
+        raise StudentError(f"--layers {args.layers}: give teacher layer numbers separated by commas, e.g. 0,2,4")
+    # the student: the teacher's layers (its head copied), or --student's checkpoint (a fresh task head)
+    id2label = None
+    if kind is not None:
+        id2label = teacher.config.id2label if teacher is not None else labels_from_data(
+            args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
+    if kind is not None:  # a task head drawn at random (--student, or a fresh head) is drawn from --seed, not
+        torch.manual_seed(args.seed)  # from whatever the process's random state happens to be
+    student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
+    if student is not None and kind is None and task_kind(student.config) is not None:
+        raise StudentError(f"--student {args.student} is a {task_kind(student.config)} model and the teacher a masked "
+                           "LM; start a masked-LM student from a masked LM (or drop --student)")
+    source = teacher if teacher is not None else student
+    tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
+                               words=kind == "token_classification")
+    max_len = usable_positions(source)
+    if args.seq_len is None:  # 128, or the teacher's positions if fewer (config keeps None: what was asked)
+        args.seq_len = min(128, max_len)
+    config["seq_len_used"] = args.seq_len
+    if args.seq_len > max_len:
+        raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
+                        f"use --seq-len {max_len} or less")
+    if student is not None:
+        if len(tokenizer) > student.get_input_embeddings().num_embeddings:
+            raise StudentError(f"--student {args.student}: its embeddings have fewer rows than the teacher's "
+                               "tokenizer has tokens; start from a checkpoint of the teacher's tokenizer")
+        if layers is not None:  # a subset of the checkpoint's own layers
+            student = make_student(student, check_layers(layers, student.config.num_hidden_layers))
+        layers = list(range(student.config.num_hidden_layers))
+        if master and student.fresh_weights:
+            print(f"--student {args.student}: fresh task head ({', '.join(student.fresh_weights[:4])})")
+    n_teacher_layers = teacher.config.num_hidden_layers if teacher is not None else len(layers)
+    if not args.student:
+        layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
+    try:
+        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
+            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
+        layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
+        cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
+                           args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
+                           args.alpha_relation, args.relation_heads, layer_map, args.alpha_label)
+        if cfg.needs_attention():
+            check_capture(teacher)
+    except ValueError as e:
+        raise StudentError(str(e))
+    if not args.student:
+        if kind is not None and args.student_arch == "distilbert":
+            raise StudentError("--student-arch distilbert converts masked LMs only; drop it for a task teacher")
+        student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
+                                args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
+    if kind is not None:
+        read = lambda path: load_examples(path, tokenizer, kind, id2label, args.seq_len, args.cache_dir,
+                                          args.text_column, args.label_column, args.text_pair_column)
+        if args.valid:
+            check_metrics(kind, id2label)
+        train_data = read(args.train)
+        valid_data = read(args.valid) if args.valid else None
+        for path, data in ((args.train, train_data), (args.valid, valid_data)):
+            if data is not None and master:
+                print(examples_note(data, path))
+        if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
+            print("fine-tuning without a teacher: the records without a label teach nothing")
+        n_sequences, spec = len(train_data.starts), None
+    else:
+        # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
+        read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                                        progress=master and args.progress)
+        corpus = read(args.train)
+        train_data = make_sequences(corpus, args.seq_len, args.pack)
+        valid_corpus = read(args.valid) if args.valid else None
+        valid_data = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
+        for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+            if note and master:  # what reading skipped (empty or null texts) is said, never silent
+                print(note)
+        spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
+        n_sequences = len(train_data.starts)
+        config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": n_sequences,
+                                  "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    if kind is not None:
+        config["train_corpus"] = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
+                                  "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
+    # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
+    # so that a run resumed on another number of GPUs (same global batch) sees the same data.
+    steps_per_epoch = n_sequences // config["global_batch"]
+    if steps_per_epoch < 1:
+        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {args.seq_len}: too few "
+                        f"for one step of {config['global_batch']}; lower --batch-size "
+                        "or --grad-accum, or pass a longer corpus")
+    return tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch
