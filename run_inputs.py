@@ -6,8 +6,8 @@ import torch
 
 from data import DataError, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec
 from distil import DistilConfig, check_capture, parse_layer_map
-from student import (StudentError, build_student, check_layers, load_student_checkpoint, load_tokenizer,
-                     make_student, task_kind, usable_positions)
+from student import (StudentError, build_student, check_layers, check_student_vocabulary, load_student_checkpoint,
+                     load_tokenizer, make_student, task_kind, usable_positions)
 from tasks import check_metrics, examples_digest, examples_note, labels_from_data, load_examples
 
 
@@ -40,6 +40,8 @@ def load_inputs(args, config, master, teacher, kind):
         raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
     if student is not None:
+        if teacher is not None:
+            check_student_vocabulary(tokenizer, args.student)
         if len(tokenizer) > student.get_input_embeddings().num_embeddings:
             raise StudentError(f"--student {args.student}: its embeddings have fewer rows than the teacher's "
                                "tokenizer has tokens; start from a checkpoint of the teacher's tokenizer")

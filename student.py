@@ -466,6 +466,22 @@ def load_student_checkpoint(folder, kind=None, id2label=None):
     return model.train().requires_grad_(True)
 
 
+def check_student_vocabulary(tokenizer, folder):
+    """Refuse a --student checkpoint whose saved tokenizer is not the teacher's: the same ids must mean
+    the same tokens to both, or the student learns from garbage. A checkpoint saved without its
+    tokenizer is taken on trust (its embedding matrix's size is checked by the caller)."""
+    try:
+        own = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # no tokenizer files, or a format needing a missing package
+        return
+    if _has_vocabulary(own) and own.get_vocab() != tokenizer.get_vocab():
+        theirs = tokenizer.get_vocab()
+        token = next(t for t in sorted(set(own.get_vocab()) | set(theirs)) if own.get_vocab().get(t) != theirs.get(t))
+        raise StudentError(f"--student {folder}: its tokenizer is not the teacher's ({len(own)} vs {len(tokenizer)} "
+                           f"tokens; {token!r} is id {own.get_vocab().get(token)} vs {theirs.get(token)}); start from "
+                           "a checkpoint of the teacher's tokenizer")
+
+
 def load_tokenizer(teacher, teacher_path, tokenizer_path=None, masked_lm=True, words=False):
     """The teacher's fast tokenizer (or `tokenizer_path`'s), checked against the teacher's embeddings.
     masked_lm=False (a task run) does not ask for a mask token; words=True (token classification)

@@ -763,6 +763,24 @@ def test_question_answering_teacher_is_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_student_checkpoint_of_another_tokenizer_is_refused(teachers, data, tmp_path):
+    """--student must share the teacher's tokenizer: the same words in another order give other ids."""
+    import shutil
+    other = str(tmp_path / "other")
+    shutil.copytree(teachers["mlm"], other)
+    with open(os.path.join(other, "vocab.txt")) as f:
+        vocab = f.read().split("\n")
+    vocab[5], vocab[6] = vocab[6], vocab[5]  # two words swapped: same size, other ids
+    with open(os.path.join(other, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab))
+    if os.path.exists(os.path.join(other, "tokenizer.json")):
+        os.remove(os.path.join(other, "tokenizer.json"))  # the vocabulary is then read from vocab.txt
+    with pytest.raises(StudentError, match="its tokenizer is not the teacher's") as e:
+        train.main(["--teacher", teachers[SINGLE], "--student", other, "--train", data[SINGLE][0], "--out",
+                    str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+    assert "\n" not in str(e.value)
+
+
 def test_alpha_mlm_with_a_task_teacher_is_refused(teachers, data, tmp_path):
     with pytest.raises(SystemExit, match="--alpha-mlm") as e:
         train.main(["--teacher", teachers[SINGLE], "--train", data[SINGLE][0], "--out", str(tmp_path / "o"),
