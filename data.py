@@ -117,7 +117,7 @@ def _read_csv(path, f, text_column, counts):
             counts["skipped"] += 1
 
 
-def _csv_records(path, f, columns, counts):
+def _csv_records(path, f, columns, counts, flags=None):
     """Yield (the line the record starts on, {column: field}) for each record of a CSV file, read by
     RFC 4180's rules, strictly; `columns` must be in the header (the first is named in errors).
 
@@ -135,9 +135,8 @@ def _csv_records(path, f, columns, counts):
     start = 1  # the line the current record starts on
     try:
         header = next(reader, None)
-        for column in columns:
+        for column, flag in zip(columns, flags or ["--text-column"] + ["the matching --*-column flag"] * len(columns)):
             if not header or column not in header:
-                flag = "--text-column" if column == columns[0] else "the matching --*-column flag"
                 raise DataError(f"{path} has no column '{column}' (columns: {', '.join(header or []) or 'none'}); "
                                 f"pass {flag} with the name of the column")
             if header.count(column) > 1:
@@ -167,16 +166,18 @@ def _csv_records(path, f, columns, counts):
                         "and double the quotes inside it (\"say \"\"hi\"\"\"), or use .jsonl") from None
 
 
-def read_records(path, columns):
+def read_records(path, columns, flags=None):
     """Yield ("line N" or "row N", record dict) for each record of a .csv, a .jsonl or a dataset that
     has the first of `columns` (the others may be missing from a .jsonl record); CSV fields are
-    strings, JSON values keep their types. Malformed input is a one-line DataError naming the line."""
+    strings, JSON values keep their types. Malformed input is a one-line DataError naming the line;
+    `flags` name the flag that sets each column, for the error about a missing one."""
+    flags = dict(zip(columns, flags or ["--text-column"] + ["the matching --*-column flag"] * len(columns)))
     if is_dataset(path):
         dataset = open_dataset(path)
         missing = [c for c in columns if c not in dataset.column_names]
         if missing:
             raise DataError(f"{path} has no column '{missing[0]}' (columns: {', '.join(dataset.column_names)}); "
-                            "pass the matching --*-column flag")
+                            f"pass {flags[missing[0]]} with the name of the column")
         for i, record in enumerate(dataset.select_columns(list(dict.fromkeys(columns)))):
             yield f"row {i}", record
         return
@@ -187,7 +188,7 @@ def read_records(path, columns):
     try:
         with open(path, encoding="utf-8-sig", newline="" if kind == ".csv" else None) as f:
             if kind == ".csv":
-                for line, record in _csv_records(path, f, list(dict.fromkeys(columns)), {}):
+                for line, record in _csv_records(path, f, list(flags), {}, list(flags.values())):
                     yield f"line {line}", record
                 return
             for line_no, record, _ in _jsonl_objects(path, f, columns[0]):

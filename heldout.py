@@ -15,6 +15,7 @@ the teacher; --teacher is optional there. train.py uses the same functions for v
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -109,7 +110,8 @@ def main(argv=None):
     p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); optional for a task")
     p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl), or labelled data")
     p.add_argument("--text-column", help="default: text (token classification: tokens)")
-    p.add_argument("--text-pair-column", help="tasks on text pairs: the second text's column")
+    p.add_argument("--text-pair-column", help="tasks on text pairs: the second text's column (default: the "
+                   "training run's, from STUDENT/run.json)")
     p.add_argument("--label-column", help="tasks: default label (token classification: ner_tags)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -168,6 +170,11 @@ def evaluate_task(args, student, kind, device, autocast):
     """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
     from tasks import check_metrics, examples_note, gold, load_examples, predict, task_metrics, valid_task_batches
 
+    run_json = os.path.join(args.student, "run.json")  # train.py's record: the columns it was trained on
+    run = json.load(open(run_json)) if os.path.isfile(run_json) else {}
+    for column in ("text_column", "text_pair_column", "label_column"):
+        if getattr(args, column) is None and run.get(column):
+            setattr(args, column, run[column])
     teacher = load_teacher(args.teacher).to(device) if args.teacher else None
     if teacher is not None and task_kind(teacher.config) != kind:
         raise StudentError(f"--teacher {args.teacher} is not a {kind} model as {args.student} is")

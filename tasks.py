@@ -60,10 +60,12 @@ def label_ids(value, where, kind, label2id, path):
     n = len(label2id)
 
     def one_id(x):
-        if isinstance(x, str) and x in label2id:
-            return label2id[x]
-        try:
-            i = int(x) if not isinstance(x, (bool, float)) else None
+        name = x.strip() if isinstance(x, str) else None if isinstance(x, bool) else str(x)
+        if name in label2id:  # a name (also a number used as a name: star ratings "1".."5")
+            return label2id[name]
+        try:  # an id: 1, "1", or 1.0 (pandas writes an integer column holding NaNs as floats)
+            number = float(x) if not isinstance(x, bool) else None
+            i = int(number) if number is not None and number.is_integer() else None
         except (TypeError, ValueError):
             i = None
         if i is None or not 0 <= i < n:
@@ -75,6 +77,8 @@ def label_ids(value, where, kind, label2id, path):
     if kind == "token_classification":
         if missing:
             return None
+        if isinstance(value, str):  # a CSV cell: tags separated by spaces, as the words are
+            value = value.split()
         if not isinstance(value, (list, tuple)):
             raise DataError(f"{path} {where}: token labels must be a list with one tag per word, got {value!r}")
         return [one_id(x) for x in value]
@@ -120,17 +124,23 @@ def labels_from_data(path, kind, label_column, text_column, names=None):
     found = set()
     for _, record in read_records(path, [text_column, label_column]):
         value = record.get(label_column)
+        if isinstance(value, str):  # as label_ids reads a cell: stripped; words or tags split
+            value = value.strip()
+            if kind == "multi_label_classification":
+                value = [x.strip() for x in value.replace(";", ",").split(",") if x.strip()]
+            elif kind == "token_classification":
+                value = value.split()
         if value is None or value == "":
             continue
-        if isinstance(value, str) and kind == "multi_label_classification":
-            value = [x.strip() for x in value.replace(";", ",").split(",") if x.strip()]
-        found.update(value if isinstance(value, (list, tuple)) else [value])
+        found.update(str(v).strip() for v in (value if isinstance(value, (list, tuple)) else [value]))
+    found.discard("")
     if not found:
         raise DataError(f"{path}: no labels in column '{label_column}'; pass --label-column with the labels' column")
-    as_ids = [int(v) for v in found if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit())]
-    if len(as_ids) == len(found):
-        return {i: f"LABEL_{i}" for i in range(max(as_ids) + 1)}
-    return dict(enumerate(sorted(str(v) for v in found)))
+    numbers = sorted(int(v) for v in found if v.isdigit())
+    if len(numbers) == len(found) and numbers[0] == 0:  # ids from 0, unnamed: LABEL_0 .. LABEL_max
+        return {i: f"LABEL_{i}" for i in range(numbers[-1] + 1)}
+    # names, sorted (numbers used as names, such as star ratings 1-5, in numeric order)
+    return dict(enumerate(sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +192,9 @@ def load_examples(path, tokenizer, kind, id2label, seq_len, cache_dir, text_colu
 def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_column, pair_column):
     label2id = {name: i for i, name in id2label.items()}
     columns = [text_column, label_column] + ([pair_column] if pair_column else [])
+    flags = ["--text-column", "--label-column", "--text-pair-column"]
     texts, pairs, labels, skipped = [], [], [], 0
-    for where, record in read_records(path, columns):
+    for where, record in read_records(path, columns, flags[:len(columns)]):
         text = record.get(text_column)
         if kind == "token_classification":
             if isinstance(text, str):  # a CSV cell or a string: words separated by spaces

@@ -476,6 +476,17 @@ def test_labels_from_data(tmp_path):
     assert tasks.labels_from_data(names, REGRESSION, "label", "text", ["sim", "rel"]) == {0: "sim", 1: "rel"}
     tags = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O", "B-X"]}, {"tokens": ["c"]}])
     assert tasks.labels_from_data(tags, TOKEN, "ner_tags", "tokens") == {0: "B-X", 1: "O"}
+    stars = write_csv(tmp_path / "s.csv", ["text", "label"], [("a", " 5 "), ("b", "1"), ("c", "10"), ("d", " ")])
+    assert tasks.labels_from_data(stars, SINGLE, "label", "text") == {0: "1", 1: "5", 2: "10"}  # names, stripped
+    label2id = {"1": 0, "5": 1, "10": 2}
+    assert [tasks.label_ids(v, "line 2", SINGLE, label2id, "s.csv") for v in (5, "10", " 1 ")] == [1, 2, 0]
+    assert tasks.label_ids(1.0, "line 2", SINGLE, {"neg": 0, "pos": 1}, "f.csv") == 1  # pandas' float ids
+    assert tasks.label_ids("1.0", "line 2", SINGLE, {"neg": 0, "pos": 1}, "f.csv") == 1
+    with pytest.raises(DataError, match="unknown label 1.5"):
+        tasks.label_ids(1.5, "line 2", SINGLE, {"neg": 0, "pos": 1}, "f.csv")
+    csv_tags = write_csv(tmp_path / "t.csv", ["tokens", "ner_tags"], [("the cat", "O B-X"), ("a", "")])
+    assert tasks.labels_from_data(csv_tags, TOKEN, "ner_tags", "tokens") == {0: "B-X", 1: "O"}
+    assert tasks.label_ids("O B-X", "line 2", TOKEN, {"B-X": 0, "O": 1}, "t.csv") == [1, 0]  # a CSV cell, split
     multi = write_csv(tmp_path / "m.csv", ["text", "label"], [("a", "x;y"), ("b", "z"), ("c", "")])
     assert tasks.labels_from_data(multi, MULTI, "label", "text") == {0: "x", 1: "y", 2: "z"}
     with pytest.raises(DataError, match="no labels in column 'label'"):
