@@ -19,7 +19,6 @@ epoch, and each sequence's mask. No global RNG, rank or worker enters, so a resu
 same data on another number of GPUs, sees the same masks.
 """
 
-import copy
 import csv
 import fcntl
 import hashlib
