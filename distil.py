@@ -336,8 +336,7 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
         inputs["token_type_ids"] = batch["token_type_ids"]
     prepare_layer_losses(student, teacher, cfg)
     # token classification's logits are (B, L, C): the rows are the predicted tokens' flat positions
-    at = (lambda logits, rows: at_rows(logits, rows)) if kind == "token_classification" else \
-        (lambda logits, rows: logits.index_select(0, rows))
+    at = at_rows if kind == "token_classification" else (lambda logits, rows: logits.index_select(0, rows))
     teacher_out = None
     if cfg.needs_teacher():
         with torch.no_grad():

@@ -168,7 +168,8 @@ def main(argv=None):
 
 def evaluate_task(args, student, kind, device, autocast):
     """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
-    from tasks import check_metrics, examples_note, gold, load_examples, predict, task_metrics, valid_task_batches
+    from tasks import (check_metrics, examples_note, format_score, gold, load_examples, predict, task_metrics,
+                       valid_task_batches)
 
     run_json = os.path.join(args.student, "run.json")  # train.py's record: the columns it was trained on
     run = json.load(open(run_json)) if os.path.isfile(run_json) else {}
@@ -201,7 +202,7 @@ def evaluate_task(args, student, kind, device, autocast):
     if args.json:
         print(json.dumps(result))
         return result
-    fmt = lambda d, k: "" if not d or k not in d else f"{d[k]:.4f}" if k in ("pearson", "spearman") else f"{100 * d[k]:.2f}"
+    fmt = lambda d, k: "" if not d or k not in d else format_score(kind, d[k])
     print("| | teacher | student |\n|---|---|---|")
     for k in (k for k in scores if k != "examples"):
         print(f"| {k.replace('_', ' ')} | {fmt(result['teacher'], k)} | {fmt(scores, k)} |")

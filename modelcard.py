@@ -12,6 +12,7 @@ import json
 import os
 
 from data import first_line
+from tasks import format_score
 
 
 class HubError(RuntimeError):
@@ -217,8 +218,7 @@ def task_model_card(run, teacher, student, kind, steps, scores, teacher_scores):
     rows = ""
     names = sorted({k for d in (scores or {}, teacher_scores or {}) for k in d if k != "examples"})
     # a regression's scores, its agreement included (a Pearson correlation with the teacher), are correlations
-    fmt = lambda d, k: "–" if not d or k not in d else f"{100 * d[k]:.2f}" if kind != "regression" \
-        else f"{d[k]:.4f}"
+    fmt = lambda d, k: "–" if not d or k not in d else format_score(kind, d[k])
     for k in names:
         rows += f"| held-out {k.replace('_', ' ')} | {fmt(teacher_scores, k)} | {fmt(scores, k)} |\n"
     labels = ", ".join(str(student.config.id2label[i]) for i in sorted(student.config.id2label))

@@ -404,7 +404,7 @@ def _load_task_model(name_or_path, config, flag, **head):
     """A task model in float32; with `head` (num_labels, id2label, label2id, problem_type) given, a
     fresh task head where the checkpoint's does not fit them. Returns the model; the names of the
     weights started at random are in model.fresh_weights."""
-    cls = TASK_CLASSES[next(k for k in TASK_CLASSES if k in auto_class(config).__name__)] if not head else head.pop("cls")
+    cls = head.pop("cls") if head else auto_class(config)
     try:
         model, info = cls.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
                                           ignore_mismatched_sizes=bool(head), **head)

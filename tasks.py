@@ -400,6 +400,12 @@ def decide(kind, logits):
     return logits.argmax(-1)
 
 
+def format_score(kind, value):
+    """A score as the tables print it: in % with two decimals, or, for a regression (whose scores and
+    agreement are correlations), as the correlation with four."""
+    return f"{value:.4f}" if kind == "regression" else f"{100 * value:.2f}"
+
+
 def _f1(true_pos, false_pos, false_neg):
     return 2 * true_pos / max(1, 2 * true_pos + false_pos + false_neg)
 
