@@ -294,7 +294,7 @@ def test_hub_name_teacher_is_checked_too(tiny_teacher, bert_tokenizers, tmp_path
               f"except StudentError as e:\n"
               f"    print(e)\n")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(__file__)),
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "its vocabulary differs from the teacher's own tokenizer" in result.stdout, result.stdout

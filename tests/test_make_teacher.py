@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-import make_teacher
+from tools import make_teacher
 
 
 def tiny_masked_lm(seed):
@@ -58,7 +58,7 @@ def test_shipped_quick_teacher_is_a_masked_lm_the_trainer_accepts(tmp_path):
     # a genuine masked LM: on held-out text it predicts masked tokens far better than a fresh head
     from transformers import AutoTokenizer, pipeline
     tokenizer = AutoTokenizer.from_pretrained(out)
-    lines = [line for line in open(os.path.join(os.path.dirname(__file__), "corpus", "valid.txt")) if line.strip()][:8]
+    lines = [line for line in open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "corpus", "valid.txt")) if line.strip()][:8]
     batch = tokenizer(lines, truncation=True, max_length=64, padding=True, return_tensors="pt")
     labels = torch.full_like(batch["input_ids"], -100)
     every_7th = (torch.arange(labels.shape[1]) % 7 == 3) & (batch["attention_mask"] == 1)

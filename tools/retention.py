@@ -2,7 +2,7 @@
 budget, and report the student's score as a percentage of the teacher's (DistilBERT's "97% of BERT's
 GLUE score" is this number, averaged over GLUE's tasks).
 
-    python retention.py --teacher teachers/minilm-l6-quick --student runs/quickstart \
+    python -m tools.retention --teacher teachers/minilm-l6-quick --student runs/quickstart \
         --task single_label_classification --train corpus/rotten-tomatoes/train.csv \
         --valid corpus/rotten-tomatoes/valid.csv --out runs/retention [train.py flags...]
 

@@ -40,7 +40,7 @@ from heldout import to_device
 from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_narrow_student, make_student,
                      save_student, usable_positions)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_LAYERS, HIDDEN, HEADS, POSITIONS = 4, 32, 2, 64
 
 ENGLISH = ("The cat sat on a mat and the Dog ran to the big red House in a small green park with an old man who "

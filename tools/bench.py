@@ -1,12 +1,12 @@
 """Benchmark the distillation step against the textbook one: tokens/s, ms/step, peak memory, MFU.
 
-    python bench.py                         # CPU: 6-layer H384 teacher (vocab 30522) -> 3 layers, seq 128
-    python bench.py --model bert-base       # bert-base -> 6 layers (the GPU default)
-    python bench.py --teacher PATH          # a local teacher folder (tokenizes --corpus for data)
-    python bench.py --tokenize              # tokenizer/cache throughput instead of the step
-    python bench.py --overhead              # host overhead: train.py's step vs a minimal loop, at width 16
-    python bench.py --train                 # train.py's own loop end to end beside the step benchmark
-    torchrun --nproc_per_node=8 bench.py --train --model bert-base --seq-len 512   # the same on 8 GPUs
+    python -m tools.bench                         # CPU: 6-layer H384 teacher (vocab 30522) -> 3 layers, seq 128
+    python -m tools.bench --model bert-base       # bert-base -> 6 layers (the GPU default)
+    python -m tools.bench --teacher PATH          # a local teacher folder (tokenizes --corpus for data)
+    python -m tools.bench --tokenize              # tokenizer/cache throughput instead of the step
+    python -m tools.bench --overhead              # host overhead: train.py's step vs a minimal loop, at width 16
+    python -m tools.bench --train                 # train.py's own loop end to end beside the step benchmark
+    torchrun --nproc_per_node=8 -m tools.bench --train --model bert-base --seq-len 512   # the same on 8 GPUs
 
 Every variant runs in its own process (peak RSS only ever rises), on the same batches, with the
 same weights. "textbook" is the research code's step: full-vocabulary float32 logits for both
@@ -36,6 +36,8 @@ from heldout import to_device
 from precision import DTYPES, autocast_for, pick_dtype
 from student import load_teacher, make_student
 from train import host_to_device
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the variants run as `python -m tools.bench` from it
 
 MODELS = {  # teacher shapes; random weights are as fast as trained ones
     "cpu": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -455,14 +457,14 @@ def bench_train(args, train_flags):
     loop_tps = len(records) / sum(1 / r["tokens_per_s"] for r in records) / world_size
 
     kd_on = run["kd_on"]
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", f"ours-{kd_on}", "--teacher", teacher,
+    cmd = [sys.executable, "-m", "tools.bench", "--variant", f"ours-{kd_on}", "--teacher", teacher,
            "--corpus", corpus, "--cache-dir", args.cache_dir, "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--steps", str(timed), "--warmup", "3", "--dtype", run["dtype"],
            "--device", args.device] + (["--layers", args.layers] if args.layers else []) + \
         (["--compile"] if args.compile else [])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"error: the step benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
     step = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -497,8 +499,8 @@ def run_all(args, argv):
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     results = {}
     for name in names:
-        cmd = [sys.executable, __file__, *argv, "--variant", name]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "tools.bench", *argv, "--variant", name]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
             continue

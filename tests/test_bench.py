@@ -9,16 +9,16 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
 from test_resume import ENV, ROOT
 
-BENCH = os.path.join(ROOT, "bench.py")
+BENCH = ["-m", "tools.bench"]
 
 
 def run_bench(*argv, nproc=1):
     launch = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launch + [BENCH, *argv], capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    proc = subprocess.run(launch + [*BENCH, *argv], capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

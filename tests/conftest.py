@@ -5,8 +5,13 @@ Everything is built from a config and a vocabulary written here, so the tests ru
 
 import os
 import random
+import sys
 
 import pytest
+
+# The modules under test sit at the repository root, one folder up: importable under a plain `pytest`
+# too (`python -m pytest` adds the working directory itself).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

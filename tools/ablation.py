@@ -1,7 +1,7 @@
 """DistilBERT's ablation (Sanh et al. 2019, Table 4) in miniature: one student, one change per row.
 
-    python make_teacher.py     # once: the teacher, teachers/minilm-l6-mlm
-    python ablation.py         # the table: about an hour on 2 CPU cores
+    python -m tools.make_teacher     # once: the teacher, teachers/minilm-l6-mlm
+    python -m tools.ablation         # the table: about an hour on 2 CPU cores
 
 Every row trains the same 3-layer student (layers 0, 2, 5 of the 6-layer teacher) with train.py, on
 the same batches (same seed), for the same number of steps, changing one thing: a loss switched
