@@ -52,6 +52,7 @@ def loss_terms(records, run=None):
 
 def figure(out_dirs):
     """The matplotlib figure of one or more runs: loss terms (left), perplexities (right)."""
+    runs = {out_dir: read_metrics(out_dir) for out_dir in out_dirs}  # a wrong folder first: the likelier mistake
     try:
         import matplotlib
     except ImportError:
@@ -62,7 +63,7 @@ def figure(out_dirs):
 
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
     for out_dir in out_dirs:
-        records = read_metrics(out_dir)
+        records = runs[out_dir]
         prefix = f"{os.path.basename(os.path.normpath(out_dir))}: " if len(out_dirs) > 1 else ""
         for name in loss_terms(records, read_run(out_dir)):
             steps, values = series(records, name)
