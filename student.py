@@ -309,9 +309,27 @@ def usable_positions(model):
 
 
 def _means_local_folder(name_or_path):
-    """True when the user means a folder on this machine, not a hub id: an existing folder, or a
-    string written as a path (./x, /x, ~/x), which is then a missing folder."""
-    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~"))
+    """True when the user means a folder on this machine, not a hub id: an existing folder, a string
+    written as a path (./x, /x, ~/x), a name whose first part is a folder here (teachers/x when
+    ./teachers exists), or one that no hub id can be (more than one "/": ids are NAME or OWNER/NAME)."""
+    first = name_or_path.split("/")[0]
+    return os.path.isdir(name_or_path) or name_or_path.startswith((".", "/", "~")) or \
+        ("/" in name_or_path and os.path.isdir(first)) or name_or_path.count("/") > 1
+
+
+def missing_folder_hint(name_or_path):
+    """", the nearest existing: X" for a mistyped folder name, from the folders beside where it would be."""
+    import difflib
+    path = os.path.expanduser(name_or_path.rstrip("/"))
+    parent = os.path.dirname(path) or "."
+    while parent not in (".", "/", "") and not os.path.isdir(parent):  # the deepest folder that exists
+        path, parent = parent, os.path.dirname(parent) or "."
+    try:
+        names = [n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))]
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
+    return f"; the nearest existing: {os.path.join(parent, near[0]) if parent != '.' else near[0]}" if near else ""
 
 
 # A teacher fine-tuned on a task: its class names the task (transformers' architectures field).
@@ -351,8 +369,8 @@ def load_teacher(name_or_path):
     """The teacher in float32 and eval mode, frozen: a masked LM, or a model fine-tuned for sequence or
     token classification (its config's architectures say which); a one-line StudentError if it cannot be one."""
     if _means_local_folder(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise StudentError(f"--teacher {name_or_path}: no such folder; pass a folder holding config.json "
-                           "and the weights, or a Hugging Face hub name")
+        raise StudentError(f"--teacher {name_or_path}: no such folder{missing_folder_hint(name_or_path)}; pass a "
+                           "folder holding config.json and the weights, or a Hugging Face hub name")
     if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
         # (transformers would guess a model type from the folder's name instead)
         raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder (no config.json); "
@@ -439,6 +457,9 @@ def load_student_checkpoint(folder, kind=None, id2label=None):
         model = load_teacher(folder)
         model.fresh_weights = []
         return model.train().requires_grad_(True)
+    if not os.path.isdir(os.path.expanduser(folder)):
+        raise StudentError(f"--student {folder}: no such folder{missing_folder_hint(folder)}; pass the folder "
+                           "save_pretrained wrote")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise StudentError(f"--student {folder}: not a Hugging Face model folder (no config.json); pass the folder "
                            "save_pretrained wrote")
@@ -489,13 +510,17 @@ def load_tokenizer(teacher, teacher_path, tokenizer_path=None, masked_lm=True, w
     one need, as transformers' token-classification example does."""
     source = tokenizer_path or teacher_path
     flag = "--tokenizer" if tokenizer_path else "--teacher"
+    if tokenizer_path and _means_local_folder(tokenizer_path) and not os.path.isdir(os.path.expanduser(tokenizer_path)):
+        raise StudentError(f"--tokenizer {tokenizer_path}: no such folder{missing_folder_hint(tokenizer_path)}; pass "
+                           "the folder holding the teacher's tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        if words:
-            try:
-                tokenizer(["a", "word"], is_split_into_words=True)
-            except Exception:  # transformers refuses pre-split words to a byte-level BPE without it
-                tokenizer = AutoTokenizer.from_pretrained(source, add_prefix_space=True)
+        if words and _byte_level(tokenizer) and not getattr(tokenizer, "add_prefix_space", False):
+            # A byte-level BPE (RoBERTa, GPT-2 style) spells a word after a space with its own tokens
+            # ("Ġcat", not "cat"); words given one by one have no space before them. transformers 4 refused
+            # them without add_prefix_space, transformers 5 encodes them without it, silently: always ask
+            # for it, so each word is encoded as in running text, as run_ner.py fine-tunes its teachers.
+            tokenizer = AutoTokenizer.from_pretrained(source, add_prefix_space=True)
     except (OSError, ValueError, TypeError) as e:
         raise StudentError(f"{flag} {source}: cannot load a tokenizer ({_first_line(e)}); "
                            "pass --tokenizer with a folder holding the teacher's tokenizer") from None
@@ -618,6 +643,15 @@ def check_reloads(student, tokenizer, folder, atol=1e-4):
         raise StudentError(f"the saved student does not reload as trained: {auto_class(student).__name__}.from_pretrained({folder}) "
                            f"gives logits up to {diff:.3g} away from the trained student's; the files stay in {folder} "
                            "and the trained weights in the run's checkpoints; report it with the teacher's name")
+
+
+def _byte_level(tokenizer):
+    """Whether a fast tokenizer splits text with a byte-level pre-tokenizer (RoBERTa's, GPT-2's)."""
+    import json
+    try:
+        return '"ByteLevel"' in json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"))
+    except Exception:  # a slow tokenizer has no backend: load_tokenizer refuses it next
+        return False
 
 
 def _has_vocabulary(tokenizer):
