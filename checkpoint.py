@@ -85,6 +85,33 @@ def load_latest(out_dir):
     raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)} could be read")
 
 
+def finished_step(out_dir):
+    """The last step of a finished run in `out_dir`, or None while it is not finished. A run is
+    finished once its student is saved (config.json, which save_student moves in last); its step is
+    the newest checkpoint's, else (checkpoints deleted to free the space) the last one logged."""
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        return None
+    paths = list_checkpoints(out_dir)
+    if paths:
+        return int(CKPT_PATTERN.search(paths[-1]).group(1))
+    steps = [0]
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    steps.append(int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return max(steps)
+
+
+def checkpoints_size(out_dir):
+    """Bytes the run's checkpoints take on disk."""
+    return sum(os.path.getsize(p) for p in list_checkpoints(out_dir))
+
+
 def config_differences(saved, current):
     """The flags that change the run's mathematics and differ between `saved` and `current`."""
     keys = (set(saved) | set(current)) - FREE_FLAGS

@@ -54,8 +54,57 @@ def read_config(path):
     return config
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help names each flag's default: appended where the help text does not already say it (a
+    default of None or False, an unset option or switch, is described by the text itself)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        unset = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if not unset and "default" not in text and not switch \
+                and action.option_strings:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
+def negative_values(argv, parser):
+    """argv with a flag's value that starts with a minus and a digit joined to its flag ("--layers -1,2"
+    as "--layers=-1,2"): argparse takes "-1,2" for an option and reports a missing value, where the
+    flag's own check names the real problem (a layer out of range)."""
+    takes_value = {s for a in parser._actions if a.nargs is None and a.option_strings for s in a.option_strings
+                   if not isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))}
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and len(argv[i + 1]) > 1 and argv[i + 1][0] == "-" \
+                and argv[i + 1][1].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def run_defaults(out_dir):
+    """The flags a run in `out_dir` was started with (OUT/run.json), for --resume: {flag dest: value},
+    without the ones that name this invocation (out, resume, config) or were derived from others.
+    Empty when the folder holds no run.json."""
+    import os
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    # "dtype" is what the run computed in (never "auto"), so a resume keeps its precision
+    return {k: v for k, v in saved.items() if k not in ("out", "resume", "config", "dtype_requested", "dtype_reason")}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the flags)")
     a = p.add_argument
     a("--config", help="JSON or YAML file of flag values (keys are flag names); flags on the command line win")
@@ -75,6 +124,9 @@ def parse_args(argv=None):
       "classification: tokens, a list of words)")
     a("--text-pair-column", help="tasks on text pairs: the column of each pair's second text")
     a("--label-column", help="tasks: the column of the labels (default: label; token classification: ner_tags)")
+    a("--label-map", help="tasks: the data's labels as the teacher's, DATA:TEACHER pairs (ids or names), e.g. "
+      "0:2,1:0,2:1 when the data numbers its labels in another order (default: names matched, ids taken as the "
+      "teacher's)")
     a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
     a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
     # the student
@@ -98,7 +150,7 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
-    a("--epochs", type=float, default=3.0)
+    a("--epochs", type=float, default=3.0, help="passes over the training data")
     a("--lr", type=float, help="peak learning rate (default: 5e-4 masked LM, 5e-5 tasks)")
     a("--warmup", type=float, help="fraction of the steps spent warming up the learning rate (0.05; tasks 0)")
     a("--weight-decay", type=float, default=0.0, help="AdamW decay, on weight matrices only")
@@ -106,12 +158,12 @@ def parse_args(argv=None):
     a("--adam-eps", type=float, help="default 1e-6 (masked LM), 1e-8 (tasks)")
     a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 5; tasks 1)")
     # the recipe (defaults: RECIPES)
-    a("--temperature", type=float, default=2.0)
+    a("--temperature", type=float, default=2.0, help="softens both models' distributions in KD")
     a("--alpha-kd", type=float, help="KD on the teacher's predictions (5; tasks 0.5)")
     a("--alpha-mlm", type=float, help="masked-LM loss (2; tasks: off)")
     a("--alpha-label", type=float, help="tasks: the hard-label loss (0.5; 1 when fine-tuning)")
     a("--alpha-cos", type=float, help="cosine loss of the last hidden states (1; tasks: off)")
-    a("--alpha-mse", type=float, default=0.0)
+    a("--alpha-mse", type=float, default=0.0, help="squared error of the logits (off in the recipe)")
     a("--kd-on", default="masked", choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
     # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
@@ -127,15 +179,16 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto = bf16 on a GPU that has it (else fp16) and on a CPU with AMX (else fp32); "
            "the run's first line says which, and a resume keeps it")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = a GPU if there is one")
     a("--compile", action="store_true", help="torch.compile the student's encoder layers")
     a("--num-workers", type=int, help="DataLoader processes building batches ahead of the step "
       "(default: up to 4 per GPU; 0 on a CPU, where batches cost about 0.5%% of a step)")
-    a("--seed", type=int, default=42)
-    a("--eval-every", type=int, default=500)
-    a("--save-every", type=int, default=1000)
-    a("--log-every", type=int, default=10)
-    a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all)")
+    a("--seed", type=int, default=42, help="data order, masks, dropout and fresh task heads follow from it")
+    a("--eval-every", type=int, default=500, help="steps between evaluations on --valid")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints (OUT/checkpoints, for --resume)")
+    a("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl")
+    a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all); each holds the student and its optimizer "
+      "state (about 3x the model): once the run is done, rm -r OUT/checkpoints frees them")
     a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     a("--max-bad-steps", type=int, default=10,
       help="stop after this many consecutive steps with a non-finite loss or gradient")
@@ -146,7 +199,11 @@ def parse_args(argv=None):
     a("--language", help="language code(s) for the model card, e.g. en or de,fr (default: the teacher card's)")
     a("--push-to-hub", metavar="NAME", help="upload the finished student to this Hugging Face Hub repository")
 
+    argv = negative_values(sys.argv[1:] if argv is None else argv, p)
     pre, _ = p.parse_known_args(argv)
+    if pre.resume and pre.out:  # the run's own flags, unless given again (the command line and --config win)
+        known = {action.dest for action in p._actions}
+        p.set_defaults(**{k: v for k, v in run_defaults(pre.out).items() if k in known})
     if pre.config:
         config = read_config(pre.config)
         known = {action.dest for action in p._actions}

@@ -103,22 +103,44 @@ def inference_ms(model, batch, device, autocast=nullcontext, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
+def run_defaults(args):
+    """Fill what the command line left out with the training run's own settings (STUDENT/run.json,
+    train.py's record): the held-out set, the columns, the label map, the sequence length and the
+    teacher. The teacher is taken where it is a folder on this machine (a task's is optional: a hub
+    name is not fetched unasked) or where one is required (a masked LM); a line on stderr says which."""
+    path = os.path.join(args.student, "run.json")
+    run = json.load(open(path)) if os.path.isfile(path) else {}
+    for name in ("valid", "text_column", "text_pair_column", "label_column", "label_map", "cache_dir"):
+        if getattr(args, name) is None and run.get(name):
+            setattr(args, name, run[name])
+    if args.seq_len is None:
+        args.seq_len = run.get("seq_len_used") or run.get("seq_len") or 128
+    args.run_teacher = run.get("teacher")
+    if args.valid is None:
+        raise StudentError(f"{args.student}: pass --valid with held-out data (no run.json there names the run's)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="folder of a distilled student (train.py's --out)")
-    p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); optional for a task")
-    p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl), or labelled data")
+    p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); default: the run's "
+                   "(STUDENT/run.json) where it is a folder here, or for a masked LM; optional for a task")
+    p.add_argument("--valid", help="held-out corpus (.txt, .csv or .jsonl), or labelled data (default: the run's "
+                   "--valid, from STUDENT/run.json)")
     p.add_argument("--text-column", help="default: text (token classification: tokens)")
     p.add_argument("--text-pair-column", help="tasks on text pairs: the second text's column (default: the "
                    "training run's, from STUDENT/run.json)")
     p.add_argument("--label-column", help="tasks: default label (token classification: ner_tags)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--label-map", help="tasks: the data's labels as the model's, DATA:TEACHER pairs, as train.py's "
+                   "(default: the run's)")
+    p.add_argument("--seq-len", type=int, help="default: the run's, else 128")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="token cache folder (default: ~/.cache/bert-distil)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    run_defaults(args)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -128,6 +150,9 @@ def main(argv=None):
     kind = task_kind(student.config)
     if kind is not None:
         return evaluate_task(args, student, kind, device, autocast)
+    if not args.teacher and args.run_teacher:
+        args.teacher = args.run_teacher
+        print(f"teacher: {args.teacher} (from {os.path.join(args.student, 'run.json')})", file=sys.stderr)
     if not args.teacher:
         raise StudentError(f"{args.student} is a masked LM: pass --teacher to compare it with")
     args.text_column = args.text_column or "text"
@@ -168,14 +193,13 @@ def main(argv=None):
 
 def evaluate_task(args, student, kind, device, autocast):
     """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
-    from tasks import (check_metrics, examples_note, format_score, gold, load_examples, predict, task_metrics,
-                       valid_task_batches)
+    from tasks import (check_labelled, check_metrics, examples_note, format_score, gold, label_order_warning,
+                       load_examples, parse_label_map, predict, task_metrics, valid_task_batches)
 
-    run_json = os.path.join(args.student, "run.json")  # train.py's record: the columns it was trained on
-    run = json.load(open(run_json)) if os.path.isfile(run_json) else {}
-    for column in ("text_column", "text_pair_column", "label_column"):
-        if getattr(args, column) is None and run.get(column):
-            setattr(args, column, run[column])
+    if not args.teacher and args.run_teacher and os.path.isdir(args.run_teacher):
+        args.teacher = args.run_teacher
+        print(f"teacher: {args.teacher} (from {os.path.join(args.student, 'run.json')}; --teacher picks another)",
+              file=sys.stderr)
     teacher = load_teacher(args.teacher).to(device) if args.teacher else None
     if teacher is not None and task_kind(teacher.config) != kind:
         raise StudentError(f"--teacher {args.teacher} is not a {kind} model as {args.student} is")
@@ -185,11 +209,17 @@ def evaluate_task(args, student, kind, device, autocast):
     check_metrics(kind, id2label)
     examples = load_examples(args.valid, tokenizer, kind, id2label, min(args.seq_len, usable_positions(student)),
                              args.cache_dir or default_cache_dir(), args.text_column or ("tokens" if token else "text"),
-                             args.label_column or ("ner_tags" if token else "label"), args.text_pair_column)
+                             args.label_column or ("ner_tags" if token else "label"), args.text_pair_column,
+                             parse_label_map(args.label_map, id2label))
     print(examples_note(examples, args.valid), file=sys.stderr)
+    check_labelled(examples, args.valid, "--valid")
     batches = lambda: valid_task_batches(examples, tokenizer.pad_token_id, args.batch_size)
     labels = gold(examples)
     teacher_predictions = predict(teacher, batches(), device, autocast) if teacher is not None else None
+    if teacher is not None and examples.meta.get("labels_as_ids"):
+        warning = label_order_warning(kind, teacher_predictions, labels, teacher.config.id2label, args.valid)
+        if warning:
+            print(warning, file=sys.stderr)
     scores = task_metrics(kind, predict(student, batches(), device, autocast), labels, id2label, teacher_predictions)
     result = {"kind": kind, "student": scores,
               "teacher": task_metrics(kind, teacher_predictions, labels, id2label) if teacher is not None else None,
@@ -202,14 +232,16 @@ def evaluate_task(args, student, kind, device, autocast):
     if args.json:
         print(json.dumps(result))
         return result
-    fmt = lambda d, k: "" if not d or k not in d else format_score(kind, d[k])
-    print("| | teacher | student |\n|---|---|---|")
+    # a teacher column only when there is a teacher to fill it
+    row = (lambda name, t, s: f"| {name} | {t} | {s} |") if teacher is not None else (lambda name, t, s: f"| {name} | {s} |")
+    print("| | teacher | student |\n|---|---|---|" if teacher is not None else "| | student |\n|---|---|")
     for k in (k for k in scores if k != "examples"):
-        print(f"| {k.replace('_', ' ')} | {fmt(result['teacher'], k)} | {fmt(scores, k)} |")
-    print(f"| parameters | {result.get('teacher_params', 0) / 1e6:.1f}M | {result['student_params'] / 1e6:.1f}M |\n"
-          f"| forward, {batch['input_ids'].shape[0]}x{batch['input_ids'].shape[1]} tokens ({device}, {args.dtype}) | "
-          f"{result.get('teacher_ms', float('nan')):.1f} ms | {result['student_ms']:.1f} ms |\n"
-          f"({scores['examples']} labelled examples; scores in %, correlations as they are)")
+        print(row(k.replace("_", " "), format_score(kind, result["teacher"][k]) if teacher is not None and
+                  k in result["teacher"] else "", format_score(kind, scores[k])))
+    shape = f"{batch['input_ids'].shape[0]}x{batch['input_ids'].shape[1]} tokens ({device}, {args.dtype})"
+    print(row("parameters", f"{result.get('teacher_params', 0) / 1e6:.1f}M", f"{result['student_params'] / 1e6:.1f}M"))
+    print(row(f"forward, {shape}", f"{result.get('teacher_ms', float('nan')):.1f} ms", f"{result['student_ms']:.1f} ms"))
+    print(f"({scores['examples']} labelled examples; scores in %, correlations as they are)")
     return result
 
 
@@ -218,3 +250,5 @@ if __name__ == "__main__":
         main()
     except (StudentError, DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; heldout.py writes nothing, so nothing was lost")

@@ -8,7 +8,8 @@ from data import DataError, corpus_digest, corpus_note, load_corpus, make_sequen
 from distil import DistilConfig, check_capture, parse_layer_map
 from student import (StudentError, build_student, check_layers, check_student_vocabulary, load_student_checkpoint,
                      load_tokenizer, make_student, task_kind, usable_positions)
-from tasks import check_metrics, examples_digest, examples_note, labels_from_data, load_examples
+from tasks import (check_labelled, check_metrics, examples_digest, examples_note, labels_from_data, load_examples,
+                   parse_label_map)
 
 
 def load_inputs(args, config, master, teacher, kind):
@@ -23,6 +24,14 @@ def load_inputs(args, config, master, teacher, kind):
     if kind is not None:
         id2label = teacher.config.id2label if teacher is not None else labels_from_data(
             args.train, kind, args.label_column, args.text_column, args.labels and args.labels.split(","))
+    if master and teacher is not None and kind in ("single_label_classification", "regression") and \
+            getattr(teacher.config, "problem_type", None) is None:  # transformers' guess, said rather than made silently
+        print(f"--teacher {args.teacher}: its config names no problem_type; read as {kind} "
+              f"({'one output' if kind == 'regression' else f'{teacher.config.num_labels} outputs'}), as transformers "
+              "does; if it is multi-label, set \"problem_type\": \"multi_label_classification\" in its config.json")
+    if master and teacher is None and kind not in (None, "regression"):
+        source = "--labels" if args.labels else "the data"
+        print(f"labels (from {source}, in id order): {', '.join(str(id2label[i]) for i in sorted(id2label))[:200]}")
     if kind is not None:  # a task head drawn at random (--student, or a fresh head) is drawn from --seed, not
         torch.manual_seed(args.seed)  # from whatever the process's random state happens to be
     student = load_student_checkpoint(args.student, kind, id2label) if args.student else None
@@ -69,9 +78,12 @@ def load_inputs(args, config, master, teacher, kind):
             raise StudentError("--student-arch distilbert converts masked LMs only; drop it for a task teacher")
         student = build_student(teacher, layers, args.student_init, args.student_arch, args.student_hidden,
                                 args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
+    if kind is None and getattr(args, "label_map", None):
+        raise DataError("--label-map maps a task's labels; a masked-LM run has none: drop it")
     if kind is not None:
+        label_map = parse_label_map(getattr(args, "label_map", None), id2label)
         read = lambda path: load_examples(path, tokenizer, kind, id2label, args.seq_len, args.cache_dir,
-                                          args.text_column, args.label_column, args.text_pair_column)
+                                          args.text_column, args.label_column, args.text_pair_column, label_map)
         if args.valid:
             check_metrics(kind, id2label)
         train_data = read(args.train)
@@ -79,6 +91,9 @@ def load_inputs(args, config, master, teacher, kind):
         for path, data in ((args.train, train_data), (args.valid, valid_data)):
             if data is not None and master:
                 print(examples_note(data, path))
+        check_labelled(train_data, args.train, "--train", args.alpha_label)
+        if valid_data is not None:
+            check_labelled(valid_data, args.valid, "--valid")
         if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
             print("fine-tuning without a teacher: the records without a label teach nothing")
         n_sequences, spec = len(train_data.starts), None
@@ -107,4 +122,21 @@ def load_inputs(args, config, master, teacher, kind):
         raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {args.seq_len}: too few "
                         f"for one step of {config['global_batch']}; lower --batch-size "
                         "or --grad-accum, or pass a longer corpus")
+    left_out = n_sequences - steps_per_epoch * config["global_batch"]
+    if kind is not None and left_out and master and (args.max_steps is None or args.max_steps >= steps_per_epoch):
+        print(epoch_remainder_note(args.train, n_sequences, steps_per_epoch, config["global_batch"], args.batch_size))
     return tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch
+
+
+def epoch_remainder_note(path, n_records, steps_per_epoch, global_batch, batch_size):
+    """One line on the records an epoch leaves out: an epoch is a whole number of global batches (so
+    that a run resumed on another number of GPUs sees the same data), and the remainder, a different
+    one each epoch, is not seen in that epoch. With the few records of a few-shot set it can be a
+    large share; a --batch-size that divides them is suggested when one is near."""
+    left_out = n_records - steps_per_epoch * global_batch
+    split = global_batch // batch_size  # micro-steps x ranks
+    fits = next((b for b in range(batch_size, max(1, batch_size // 2) - 1, -1) if n_records % (b * split) == 0), None)
+    hint = f"; --batch-size {fits} uses them all" if fits else ""
+    return (f"{path}: an epoch is {steps_per_epoch} steps of {global_batch} records, so {left_out} of the {n_records} "
+            f"records ({100 * left_out / n_records:.0f}%) are left out of each epoch (a different {left_out} each "
+            f"time){hint}")

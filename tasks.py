@@ -30,7 +30,7 @@ import torch
 from data import DataError, _plain_backend, dataset_fingerprint, epoch_batches, is_dataset, open_dataset, read_records
 from distil import KINDS, task_rows
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ClassLabel names, --label-map, multi-hot vectors, pairs without a second text
 PRIMARY = {"single_label_classification": "accuracy", "multi_label_classification": "micro_f1",
            "regression": "pearson", "token_classification": "entity_f1"}  # the score a run is judged by
 
@@ -53,58 +53,321 @@ class Examples:
 # 1. Labels
 # ---------------------------------------------------------------------------------------------
 
-def label_ids(value, where, kind, label2id, path):
-    """One record's label as training uses it: an id (-100 when there is none), a float vector
-    (NaN when there is none), or for token classification a list of ids. Names are matched to
-    label2id first; whole numbers (or their strings, as CSV holds them) are taken as ids."""
-    n = len(label2id)
+def _label_key(value):
+    """A label as --label-map and the data spell it, compared as text: stripped, whole numbers without
+    a decimal point (1, "1", 1.0 and "1.0" are all "1")."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() and not isinstance(value, bool) else text
 
-    def one_id(x):
+
+def _teacher_id_by_name(name, id2label):
+    """The teacher's id of the label named `name`: exactly, else ignoring case when only one label
+    matches so; None otherwise."""
+    exact = [i for i, n in id2label.items() if str(n) == name]
+    folded = [i for i, n in id2label.items() if str(n).casefold() == name.casefold()]
+    return (exact or folded)[0] if exact or len(folded) == 1 else None
+
+
+def _teacher_id(name, id2label):
+    """The teacher's id of `name`: by name (_teacher_id_by_name), else a whole number read as an id;
+    None when it is neither."""
+    by_name = _teacher_id_by_name(name, id2label)
+    if by_name is not None:
+        return by_name
+    key = _label_key(name)
+    return int(key) if key.isdigit() and int(key) in id2label else None
+
+
+def parse_label_map(text, id2label):
+    """--label-map "DATA:TEACHER,DATA:TEACHER,..." as {data label (_label_key): teacher id}, or None.
+
+    DATA is a label as the data writes it (an id, or a name; a dataset's ClassLabel name or id); TEACHER
+    a name of the teacher's id2label (case ignored) or its id. Every label of the data must be mapped,
+    one to one. Raises a one-line DataError for a malformed map."""
+    if not text:
+        return None
+    id2label = {int(i): str(n) for i, n in id2label.items()}
+    example = "e.g. 0:2,1:0,2:1 (the data's id 0 is the teacher's 2, ...) or entailment:ENTAILMENT"
+    mapping = {}
+    for pair in str(text).split(","):
+        if not pair.strip():
+            continue
+        data, sep, target = pair.rpartition(":")
+        if not sep or not data.strip() or not target.strip():
+            raise DataError(f"--label-map {text}: give DATA:TEACHER pairs separated by commas, {example}")
+        teacher_id = _teacher_id(target.strip(), id2label)
+        if teacher_id is None:
+            raise DataError(f"--label-map {text}: '{target.strip()}' is none of the teacher's labels "
+                            f"({', '.join(id2label.values())[:200]}) nor an id 0-{len(id2label) - 1}")
+        key = _label_key(data)
+        if key in mapping:
+            raise DataError(f"--label-map {text}: the data's label '{key}' is mapped twice")
+        mapping[key] = teacher_id
+    if not mapping:
+        raise DataError(f"--label-map {text}: no pairs; {example}")
+    targets = sorted(mapping.values())
+    twice = next((t for t in targets if targets.count(t) > 1), None)
+    if twice is not None:
+        raise DataError(f"--label-map {text}: two of the data's labels map to the teacher's '{id2label[twice]}'; "
+                        "a label map is one to one")
+    return mapping
+
+
+def _zero_one(x):
+    """0 or 1 for the entries of a multi-hot vector (0, 1, 0.0, 1.0, True, False, "0", "1", "1.0"), else None."""
+    try:
+        number = float(x.strip()) if isinstance(x, str) else float(x)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def _as_list(value, kind):
+    """A label value as a list the way label_ids splits it: a CSV cell of names or ids separated by
+    commas or semicolons (multi-label) or spaces (tags), a JSON list as it is, anything else alone."""
+    if isinstance(value, str):
+        value = value.strip()
+        if kind == "token_classification":
+            return value.split()
+        return [x.strip() for x in value.replace(";", ",").split(",") if x.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def is_multi_hot(values, n_labels):
+    """Whether a multi-label file writes its labels as multi-hot vectors ([1, 0, 1]: one 0/1 per label,
+    the layout BCEWithLogitsLoss takes) rather than as lists of names or ids ([0, 2]): every non-empty
+    label of `values` (the file's raw label values, missing ones left out) has one entry per label,
+    each 0 or 1. (Two labels whose every list is [0, 1] or [1, 0] could be either: read as multi-hot,
+    and load_examples says so in its note.)"""
+    lists = [x for x in (_as_list(v, "multi_label_classification") for v in values) if x]
+    return n_labels > 1 and bool(lists) and all(len(x) == n_labels and all(_zero_one(v) is not None for v in x)
+                                                for x in lists)
+
+
+class LabelReader:
+    """Reads one file's labels into the teacher's ids (see label_ids), and remembers how it read them,
+    so that load_examples can say so in one line.
+
+    - names are matched exactly, else ignoring case when that is unambiguous (glue/mnli writes
+      "entailment" where roberta-large-mnli says "ENTAILMENT");
+    - whole numbers that are no name are ids, taken as the teacher's ids (nothing can tell otherwise:
+      label_order looks for the sign of another order in the teacher's predictions);
+    - `class_names`: a dataset's ClassLabel names, in the dataset's id order: the dataset's ids are
+      read as those names, then matched to the teacher's by name (never by id alone);
+    - `label_map` (parse_label_map): the user's own map from the data's labels to the teacher's ids;
+      every label must then be in it;
+    - `multi_hot`: multi-label lists are 0/1 vectors, one entry per teacher label, in its order.
+    """
+
+    def __init__(self, kind, id2label, path, label_map=None, class_names=None, multi_hot=False):
+        self.kind, self.path, self.label_map, self.class_names, self.multi_hot = kind, path, label_map, \
+            class_names, multi_hot
+        self.id2label = {int(i): str(n) for i, n in id2label.items()}
+        self.label2id = {n: i for i, n in self.id2label.items()}
+        self.forms = set()  # how labels were given: "name", "id", "mapped"
+        self.folded = {}    # names matched only ignoring case: {the data's: the teacher's}
+
+    def one_id(self, x, where):
+        n = len(self.id2label)
+        if self.class_names is not None and not isinstance(x, (str, bool)) and _label_key(x).isdigit() \
+                and int(_label_key(x)) < len(self.class_names):
+            raw, x = x, self.class_names[int(_label_key(x))]  # a ClassLabel id: its name is what it means
+        else:
+            raw = x
+        if self.label_map is not None:
+            for key in dict.fromkeys((_label_key(x), _label_key(raw))):
+                if key in self.label_map:
+                    self.forms.add("mapped")
+                    return self.label_map[key]
+            raise DataError(f"{self.path} {where}: label {raw!r} is not in --label-map; map every label of the data")
         name = x.strip() if isinstance(x, str) else None if isinstance(x, bool) else str(x)
-        if name in label2id:  # a name (also a number used as a name: star ratings "1".."5")
-            return label2id[name]
+        if name in self.label2id:  # a name (also a number used as a name: star ratings "1".."5")
+            self.forms.add("name")
+            return self.label2id[name]
+        if name is not None and not _label_key(name).lstrip("-").isdigit():
+            folded = [i for t, i in self.label2id.items() if t.casefold() == name.casefold()]
+            if len(folded) == 1:
+                self.forms.add("name")
+                self.folded[name] = self.id2label[folded[0]]
+                return folded[0]
         try:  # an id: 1, "1", or 1.0 (pandas writes an integer column holding NaNs as floats)
             number = float(x) if not isinstance(x, bool) else None
             i = int(number) if number is not None and number.is_integer() else None
         except (TypeError, ValueError):
             i = None
         if i is None or not 0 <= i < n:
-            raise DataError(f"{path} {where}: unknown label {x!r}; the labels are {', '.join(label2id)[:200]} "
-                            f"(or their ids 0-{n - 1}); fix the record, or train a teacher with these labels")
+            if isinstance(x, (list, tuple)) and self.kind == "single_label_classification":
+                raise DataError(f"{self.path} {where}: the label {str(x)[:60]} is a list, but the teacher predicts one "
+                                "label per text (single_label_classification); if it is multi-label, set "
+                                '"problem_type": "multi_label_classification" in its config.json')
+            raise DataError(f"{self.path} {where}: unknown label {x!r}; the labels are "
+                            f"{', '.join(self.label2id)[:200]} (or their ids 0-{n - 1}); fix the record, or train a "
+                            "teacher with these labels")
+        self.forms.add("id")
         return i
 
-    missing = value is None or (isinstance(value, str) and not value.strip())
-    if kind == "token_classification":
-        if missing:
-            return None
-        if isinstance(value, str):  # a CSV cell: tags separated by spaces, as the words are
-            value = value.split()
-        if not isinstance(value, (list, tuple)):
-            raise DataError(f"{path} {where}: token labels must be a list with one tag per word, got {value!r}")
-        return [one_id(x) for x in value]
-    if kind == "single_label_classification":
-        return -100 if missing else one_id(value.strip() if isinstance(value, str) else value)
-    if kind == "multi_label_classification":
+    def __call__(self, value, where):
+        n = len(self.id2label)
+        missing = value is None or (isinstance(value, str) and not value.strip())
+        if self.kind == "token_classification":
+            if missing:
+                return None
+            if isinstance(value, str):  # a CSV cell: tags separated by spaces, as the words are
+                value = value.split()
+            if not isinstance(value, (list, tuple)):
+                raise DataError(f"{self.path} {where}: token labels must be a list with one tag per word, got {value!r}")
+            return [self.one_id(x, where) for x in value]
+        if self.kind == "single_label_classification":
+            return -100 if missing else self.one_id(value.strip() if isinstance(value, str) else value, where)
+        if self.kind == "multi_label_classification":
+            if missing:
+                return np.full(n, np.nan, dtype=np.float32)
+            value = _as_list(value, self.kind)
+            if self.multi_hot and value:  # one 0/1 per label, in the teacher's order
+                bits = [_zero_one(v) for v in value]
+                if len(bits) != n or None in bits:
+                    raise DataError(f"{self.path} {where}: {str(value)[:60]} is not a multi-hot vector of {n} 0/1 "
+                                    "values, as the file's other labels are; write every label the same way")
+                self.forms.add("multi-hot")
+                return np.array(bits, dtype=np.float32)
+            targets = np.zeros(n, dtype=np.float32)
+            targets[[self.one_id(x, where) for x in value]] = 1.0
+            return targets
+        # regression: one number per output; none (NaN) when the record has no label, as for multi-label
         if missing:
             return np.full(n, np.nan, dtype=np.float32)
-        if isinstance(value, str):  # a CSV cell: names or ids separated by commas or semicolons
-            value = [x.strip() for x in value.replace(";", ",").split(",") if x.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        targets = np.zeros(n, dtype=np.float32)
-        targets[[one_id(x) for x in value]] = 1.0
-        return targets
-    # regression: one number per output; none (NaN) when the record has no label, as for multi-label
-    if missing:
-        return np.full(n, np.nan, dtype=np.float32)
-    values = value if isinstance(value, (list, tuple)) else [value]
-    try:
-        numbers = np.array([float(v) for v in values], dtype=np.float32)
-    except (TypeError, ValueError):
-        numbers = None
-    if numbers is None or len(numbers) != n or not np.isfinite(numbers).all():
-        raise DataError(f"{path} {where}: a regression label must be {n} finite number(s), got {value!r}")
-    return numbers
+        values = value if isinstance(value, (list, tuple)) else [value]
+        try:
+            numbers = np.array([float(v) for v in values], dtype=np.float32)
+        except (TypeError, ValueError):
+            numbers = None
+        if numbers is None or len(numbers) != n or not np.isfinite(numbers).all():
+            raise DataError(f"{self.path} {where}: a regression label must be {n} finite number(s), got {value!r}")
+        return numbers
+
+    def notes(self):
+        """What reading guessed, each as a phrase for examples_note (none when nothing was guessed)."""
+        out = []
+        if self.folded:
+            pairs = ", ".join(f"{a} -> {b}" for a, b in list(self.folded.items())[:4])
+            out.append(f"label names matched to the teacher's ignoring case ({pairs})")
+        if "multi-hot" in self.forms:
+            out.append(f"labels read as multi-hot vectors, one 0/1 per teacher label ({', '.join(self.id2label.values())[:80]})")
+        return out
+
+
+def label_ids(value, where, kind, label2id, path):
+    """One record's label as training uses it: an id (-100 when there is none), a float vector
+    (NaN when there is none), or for token classification a list of ids. Names are matched to
+    label2id first (ignoring case when unambiguous); whole numbers (or their strings, as CSV holds
+    them) are taken as ids. LabelReader reads a whole file, with a dataset's ClassLabel names, a
+    --label-map or multi-hot vectors."""
+    return LabelReader(kind, {i: name for name, i in label2id.items()}, path)(value, where)
+
+
+def class_label_names(path, label_column):
+    """A dataset's ClassLabel names for `label_column` (also inside a Sequence: token tags, multi-label), or None."""
+    if not is_dataset(path):
+        return None
+    feature = open_dataset(path).features.get(label_column)
+    feature = getattr(feature, "feature", feature)  # a Sequence of ClassLabel (token tags, multi-label)
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def match_class_names(class_names, id2label, path, label_column):
+    """How a dataset's ClassLabel ids become the teacher's: (class names to read ids as, a note or None).
+
+    Every ClassLabel name is matched to a teacher name (exactly, else ignoring case). When none can be
+    (the teacher's labels are unnamed, LABEL_0 ...), the ids are taken as the teacher's ids and the
+    note says so. Names that match partly, or not at all while the teacher's labels have names, are a
+    one-line DataError naming them."""
+    id2label = {int(i): str(n) for i, n in id2label.items()}
+    found = {name: _teacher_id_by_name(str(name).strip(), id2label) for name in class_names}
+    found = {name: i for name, i in found.items() if i is not None}
+    if len(found) == len(class_names):
+        moved = [f"{d} {name} -> {found[name]} {id2label[found[name]]}" for d, name in enumerate(class_names)
+                 if found[name] != d]
+        note = f"the dataset's ClassLabel ids mapped to the teacher's by name ({', '.join(moved[:4])}" \
+               f"{', ...' if len(moved) > 4 else ''})" if moved else None
+        return class_names, note
+    unnamed = all(n == f"LABEL_{i}" for i, n in id2label.items())
+    if not found and unnamed and len(class_names) == len(id2label):
+        return None, (f"the teacher's labels have no names (LABEL_0 ...): the dataset's ClassLabel ids are taken as "
+                      f"its ids ({', '.join(f'{d} {n}' for d, n in enumerate(class_names[:4]))}"
+                      f"{', ...' if len(class_names) > 4 else ''})")
+    missing = [name for name in class_names if name not in found]
+    raise DataError(f"{path}: the ClassLabel names of '{label_column}' ({', '.join(class_names)[:120]}) are not the "
+                    f"teacher's ({', '.join(id2label.values())[:120]}): {', '.join(missing[:4])} match none; pass "
+                    "--label-map DATA:TEACHER pairs (names or ids), or a teacher trained on these labels")
+
+
+def label_order(kind, predictions, labels, n_labels, min_labels=20):
+    """Whether labels given as ids look numbered in another order than the teacher's: the teacher's
+    decisions ({id: logits}) agree with the labels ({id: label ids}) far below chance, while one
+    permutation of the ids makes them agree on most. Returns None, or (agreement, chance, the
+    permutation as {data id: teacher id}, the agreement under it). Single-label and token
+    classification only; needs at least `min_labels` labels (words, for tokens)."""
+    if kind not in ("single_label_classification", "token_classification"):
+        return None
+    ids = [i for i in sorted(labels) if i in predictions]
+    if not ids:
+        return None
+    true = np.concatenate([np.ravel(labels[i]) for i in ids]).astype(np.int64)
+    pred = np.concatenate([np.ravel(np.asarray(predictions[i]).argmax(-1)) for i in ids]).astype(np.int64)
+    if len(true) < min_labels:
+        return None
+    counts = np.zeros((n_labels, n_labels))  # counts[data id, teacher's decision]
+    np.add.at(counts, (true, pred), 1)
+    total = counts.sum()
+    agreement = np.trace(counts) / total
+    chance = float((counts.sum(1) / total) @ (counts.sum(0) / total))
+    if n_labels <= 8:  # every permutation (8! = 40320 sums)
+        import itertools
+        best = max(itertools.permutations(range(n_labels)), key=lambda p: counts[range(n_labels), p].sum())
+    else:  # greedy: the largest remaining cell first
+        best, free_rows, free_cols, work = [None] * n_labels, set(range(n_labels)), set(range(n_labels)), counts.copy()
+        while free_rows:
+            d, t = np.unravel_index(np.argmax(work), work.shape)
+            best[d] = t
+            free_rows.discard(d), free_cols.discard(t)
+            work[d, :], work[:, t] = -1, -1
+        best = tuple(int(t) for t in best)
+    permuted = counts[range(n_labels), best].sum() / total
+    if agreement < chance / 2 and permuted >= 0.5 and permuted >= agreement + 0.3 and best != tuple(range(n_labels)):
+        return float(agreement), chance, {d: int(t) for d, t in enumerate(best)}, float(permuted)
+    return None
+
+
+def label_order_sample(model, examples, path, pad_id, device, autocast, batch_size, limit=512):
+    """label_order_warning for the first `limit` labelled examples of a file whose labels were given as
+    bare ids, from `model`'s (the teacher's) predictions: one forward over a few hundred records, once
+    before training. None when the labels had names, or nothing looks wrong."""
+    if not examples.meta.get("labels_as_ids") or examples.kind not in ("single_label_classification",
+                                                                      "token_classification"):
+        return None
+    labels = gold(examples)
+    ids = np.array(sorted(labels)[:limit], dtype=np.int64)
+    batches = (task_batch(examples, ids[i:i + batch_size], pad_id) for i in range(0, len(ids), batch_size))
+    predictions = predict(model, batches, device, autocast)
+    return label_order_warning(examples.kind, predictions, {int(i): labels[int(i)] for i in ids},
+                               {int(i): str(n) for i, n in model.config.id2label.items()}, path)
+
+
+def label_order_warning(kind, predictions, labels, id2label, path):
+    """label_order's finding as one line naming the --label-map that applies the permutation, or None."""
+    found = label_order(kind, predictions, labels, len(id2label))
+    if found is None:
+        return None
+    agreement, chance, permutation, permuted = found
+    spec = ",".join(f"{d}:{t}" for d, t in permutation.items())
+    return (f"warning: {path}: the teacher agrees with {100 * agreement:.0f}% of the labels (chance: "
+            f"{100 * chance:.0f}%) but with {100 * permuted:.0f}% once the data's ids are read as --label-map "
+            f"{spec}: the data likely numbers its labels in another order than the teacher's "
+            f"({', '.join(f'{i} {n}' for i, n in list(id2label.items())[:6])}); if so, rerun with --label-map {spec}")
 
 
 def labels_from_data(path, kind, label_column, text_column, names=None):
@@ -121,6 +384,11 @@ def labels_from_data(path, kind, label_column, text_column, names=None):
         feature = getattr(feature, "feature", feature)  # a Sequence of ClassLabel (token tags, multi-label)
         if hasattr(feature, "names"):
             return dict(enumerate(feature.names))
+    if kind == "multi_label_classification":  # multi-hot vectors: as many labels as entries, unnamed
+        values = [r.get(label_column) for _, r in read_records(path, [text_column, label_column])]
+        lengths = {len(x) for x in (_as_list(v, kind) for v in values if v is not None) if x}
+        if len(lengths) == 1 and is_multi_hot([v for v in values if v is not None], max(lengths)):
+            return {i: f"LABEL_{i}" for i in range(max(lengths))}
     found = set()
     for _, record in read_records(path, [text_column, label_column]):
         value = record.get(label_column)
@@ -162,23 +430,27 @@ def _cache_key(path, tokenizer, options):
 
 
 def load_examples(path, tokenizer, kind, id2label, seq_len, cache_dir, text_column, label_column,
-                  pair_column=None):
+                  pair_column=None, label_map=None):
     """The labelled records of `path`, tokenized (from the cache when it is there). See Examples.
 
     Text is truncated to seq_len tokens, special tokens included (text pairs: the longer of the two
     first); how many records were cut is counted in meta["truncated"]. Records whose text is empty
-    are skipped and counted. Under torchrun, every rank calls this before the process group
-    starts: the first builds the cache while the others wait on its lock.
+    (or, for pairs, whose second text is) are skipped and counted. A file without the label column
+    is read as unlabelled text (meta["labelled"] is 0: the caller refuses it where labels are
+    needed). `label_map`: parse_label_map's {data label: teacher id}. What reading had to guess is in
+    meta["notes"] (examples_note prints it). Under torchrun, every rank calls this before the process
+    group starts: the first builds the cache while the others wait on its lock.
     """
     assert kind in KINDS, kind
     options = dict(kind=kind, labels=[id2label[i] for i in sorted(id2label)], seq_len=seq_len, text=text_column,
-                   label=label_column, pair=pair_column)
+                   label=label_column, pair=pair_column, label_map=sorted((label_map or {}).items()))
     os.makedirs(cache_dir, exist_ok=True)
     key = os.path.join(cache_dir, f"{os.path.basename(path.rstrip('/'))}.task.{_cache_key(path, tokenizer, options)}")
     with open(key + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(key + ".npz"):
-            arrays = _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_column, pair_column)
+            arrays = _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_column, pair_column,
+                               label_map)
             with open(key + ".tmp.npz", "wb") as f:
                 np.savez(f, **arrays)
             os.replace(key + ".tmp.npz", key + ".npz")  # complete or absent, never half-written
@@ -189,12 +461,39 @@ def load_examples(path, tokenizer, kind, id2label, seq_len, cache_dir, text_colu
                     get("token_labels"), z["labels"], meta)
 
 
-def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_column, pair_column):
-    label2id = {name: i for i, name in id2label.items()}
-    columns = [text_column, label_column] + ([pair_column] if pair_column else [])
-    flags = ["--text-column", "--label-column", "--text-pair-column"]
-    texts, pairs, labels, skipped = [], [], [], 0
-    for where, record in read_records(path, columns, flags[:len(columns)]):
+def _columns(path):
+    """The columns of a .csv (its header) or a dataset; None for a .jsonl, whose records name their own."""
+    if is_dataset(path):
+        return list(open_dataset(path).column_names)
+    if path.lower().endswith(".csv"):
+        import csv
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None  # read_records says what is wrong with the file
+    return None
+
+
+def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_column, pair_column, label_map=None):
+    columns = _columns(path)
+    # no label column at all: unlabelled text (a transfer set), which the teacher alone teaches on
+    has_labels = columns is None or label_column in columns
+    wanted = [text_column] + ([label_column] if has_labels else []) + ([pair_column] if pair_column else [])
+    flags = ["--text-column"] + (["--label-column"] if has_labels else []) + ["--text-pair-column"]
+    records = list(read_records(path, wanted, flags[:len(wanted)]))
+    notes, found_fields = [], set()
+    class_names = class_label_names(path, label_column) if has_labels else None
+    if class_names is not None and label_map is None:  # (a --label-map may name the dataset's ids or names)
+        class_names, note = match_class_names(class_names, id2label, path, label_column)
+        notes += [note] if note else []
+    multi_hot = kind == "multi_label_classification" and has_labels and is_multi_hot(
+        [r.get(label_column) for _, r in records if r.get(label_column) is not None], len(id2label))
+    read_label = LabelReader(kind, id2label, path, label_map, class_names, multi_hot)
+    texts, pairs, labels, skipped, no_pair = [], [], [], 0, 0
+    for where, record in records:
+        if len(found_fields) < 50:
+            found_fields.update(record)
         text = record.get(text_column)
         if kind == "token_classification":
             if isinstance(text, str):  # a CSV cell or a string: words separated by spaces
@@ -202,7 +501,7 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
             if not isinstance(text, (list, tuple)) or not all(isinstance(w, str) for w in text):
                 raise DataError(f"{path} {where}: '{text_column}' must be a list of words (the layout of the "
                                 f"CoNLL datasets: tokens and ner_tags), got {str(text)[:60]!r}")
-            tags = label_ids(record.get(label_column), where, kind, label2id, path)
+            tags = read_label(record.get(label_column), where)
             if tags is not None and len(tags) != len(text):
                 raise DataError(f"{path} {where}: {len(text)} words but {len(tags)} tags in '{label_column}'; "
                                 "give one tag per word")
@@ -217,17 +516,26 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
                 raise DataError(f"{path} {where}: '{text_column}' holds {type(text).__name__}, not text")
             skipped += 1
             continue
-        texts.append(text.strip())
         if pair_column:
+            # a pair without its second text (field absent, null, empty cell) is no pair: skipped as a record
+            # without its first text is, rather than trained on as a pair with an empty second segment
             pair = record.get(pair_column)
-            pairs.append(pair.strip() if isinstance(pair, str) else "")
-        labels.append(label_ids(record.get(label_column), where, kind, label2id, path))
+            if pair is not None and not isinstance(pair, str):
+                raise DataError(f"{path} {where}: '{pair_column}' holds {type(pair).__name__}, not text")
+            if pair is None or not pair.strip():
+                no_pair += 1
+                continue
+            pairs.append(pair.strip())
+        texts.append(text.strip())
+        labels.append(read_label(record.get(label_column), where))
     if not texts:
-        raise DataError(f"{path} holds no text in '{text_column}' ({skipped} empty records)")
+        raise DataError(f"{path} holds no text in '{text_column}' ({skipped} empty records"
+                        f"{f', {no_pair} without a second text in {pair_column!r}' if no_pair else ''})")
 
     encode = lambda **kw: tokenizer(texts, pairs or None, is_split_into_words=kind == "token_classification",
                                     return_token_type_ids=bool(pair_column), **kw)
-    full_lengths = [len(x) for x in encode(truncation=False)["input_ids"]]
+    full = encode(truncation=False)
+    full_lengths = [len(x) for x in full["input_ids"]]
     enc = encode(truncation=True, max_length=seq_len)
     lengths = np.array([len(x) for x in enc["input_ids"]], dtype=np.int64)
     arrays = {"input_ids": np.concatenate([np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]),
@@ -238,25 +546,35 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
         arrays["token_type_ids"] = np.concatenate([np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]])
     n_labelled = sum(1 for x in labels if x is not None and not (np.isscalar(x) and x == -100)
                      and not (isinstance(x, np.ndarray) and np.isnan(x).any()))
+    words_cut = words_empty = 0
     if kind == "token_classification":
-        word_mask, token_labels, words_cut = [], [], 0
+        word_mask, token_labels = [], []
         for i, tags in enumerate(labels):
             word_ids = enc.word_ids(i)
             first = [w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids)]
             word_mask.append(np.array(first, dtype=bool))
             token_labels.append(np.array([tags[w] if f and tags is not None else -100
                                           for f, w in zip(first, word_ids)], dtype=np.int64))
-            words_cut += len(texts[i]) - sum(first)
+            # a word with no token even uncut (empty, a zero-width space, a soft hyphen alone) is not "cut"
+            present = {w for w in full.word_ids(i) if w is not None}
+            words_empty += len(texts[i]) - len(present)
+            words_cut += len(present) - sum(first)
         arrays.update(word_mask=np.concatenate(word_mask), token_labels=np.concatenate(token_labels),
                       labels=np.zeros(0, dtype=np.int64))
     elif kind == "single_label_classification":
         arrays["labels"] = np.array(labels, dtype=np.int64)
     else:
         arrays["labels"] = np.stack(labels).astype(np.float32)
-    meta = {"records": len(texts), "labelled": n_labelled, "skipped": skipped,
-            "truncated": int(sum(n > seq_len for n in full_lengths)), "seq_len": seq_len}
+    notes += read_label.notes()
+    meta = {"records": len(texts), "labelled": n_labelled, "skipped": skipped, "no_pair": no_pair,
+            "truncated": int(sum(n > seq_len for n in full_lengths)), "seq_len": seq_len,
+            "label_column": label_column, "has_label_column": has_labels, "pair_column": pair_column,
+            "columns": columns if columns is not None else sorted(found_fields),
+            # how the labels were given: only as ids (then label_order may look for another order), or not
+            "labels_as_ids": read_label.forms == {"id"}, "notes": notes}
     if kind == "token_classification":
-        meta["words_lost"] = int(words_cut)  # words past the truncation (or with no sub-token) carry no label
+        meta["words_lost"] = int(words_cut)  # words past the truncation carry no label
+        meta["words_empty"] = int(words_empty)  # words that tokenize to nothing carry none either
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
@@ -271,18 +589,44 @@ def examples_digest(examples):
 
 
 def examples_note(examples, path):
-    """One line on what reading `path` found: records, unlabelled ones, truncation."""
+    """One line on what reading `path` found: records, unlabelled ones, truncation, and what reading
+    had to guess (label names matched ignoring case, ClassLabel ids mapped by name, multi-hot vectors)."""
     m = examples.meta
     parts = [f"{path}: {m['records']} records, {m['labelled']} labelled"]
-    if m["records"] > m["labelled"]:
+    if m.get("has_label_column") is False:
+        parts.append(f"no column '{m['label_column']}': all without a label (taught by the teacher only)")
+    elif m["records"] > m["labelled"]:
         parts.append(f"{m['records'] - m['labelled']} without a label (taught by the teacher only)")
     if m["truncated"]:
         parts.append(f"{m['truncated']} cut to --seq-len {m['seq_len']}")
     if m.get("words_lost"):
         parts.append(f"{m['words_lost']} words past the cut carry no prediction")
+    if m.get("words_empty"):
+        parts.append(f"{m['words_empty']} words that tokenize to nothing (empty, or only invisible characters such as "
+                     "a zero-width space) carry no label or prediction")
     if m["skipped"]:
         parts.append(f"{m['skipped']} empty records skipped")
+    if m.get("no_pair"):
+        parts.append(f"{m['no_pair']} records without a second text in '{m['pair_column']}' skipped")
+    parts += m.get("notes", [])
     return "; ".join(parts)
+
+
+def check_labelled(examples, path, flag, alpha_label=None):
+    """Refuse, in one line, a --train file without a single label when the hard-label loss is on, and a
+    --valid file without one (there is nothing to score): a misspelt --label-column would otherwise
+    train on the teacher alone, or report scores over no example, without a word."""
+    m = examples.meta
+    if m["labelled"] or (flag == "--train" and not alpha_label):
+        return
+    where = f"no column '{m['label_column']}'" if m.get("has_label_column") is False else \
+        f"no record has a label in '{m['label_column']}'"
+    columns = f" (columns: {', '.join(map(str, m.get('columns') or []))[:120]})" if m.get("columns") else ""
+    if flag == "--train":
+        raise DataError(f"{path} has {where}{columns}; pass --label-column with the labels' column, or --alpha-label 0 "
+                        "to distil from the teacher alone on unlabelled text")
+    raise DataError(f"{flag} {path} has {where}{columns}: held-out scores need labels; pass --label-column with the "
+                    "labels' column")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,15 @@ stopping) across ranks, forward/backward each micro-batch (distil_step, or task_
 log, evaluate, checkpoint -> save the student in Hugging Face format.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line, not a traceback from an import
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
+
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -26,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
-                        load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
-                        truncate_metrics)
+                        checkpoints_size, finished_step, list_checkpoints, load_latest, load_optimizer_state,
+                        lock_out_dir, save_checkpoint, stop_signals, truncate_metrics)
 from data import DataError, MicroBatches, micro_batch_loader
 from distil import count_rows, count_task_rows, distil_step, freeze_unreached, task_step, unwrap
 from flags import parse_args, recipe_defaults
@@ -37,7 +42,8 @@ from modelcard import HubError, push_to_hub, write_model_card, write_task_model_
 from precision import DTYPES, autocast_for, pick_dtype
 from run_inputs import load_inputs
 from student import StudentError, compile_layers, load_teacher, save_student, task_kind
-from tasks import TaskBatches, gold, predict, task_metrics, valid_task_batches
+from tasks import (TaskBatches, gold, label_order_sample, label_order_warning, predict, task_metrics,
+                   valid_task_batches)
 
 
 def get_lr(step, total_steps, args):
@@ -89,6 +95,13 @@ def host_to_device(values, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    RUN["out"] = args.out
+    if args.resume and finished_step(args.out) is not None:  # nothing to do, and nothing rewritten
+        step = finished_step(args.out)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{args.out}: finished at step {step}; the student is saved there, nothing to resume "
+                  "(a longer run is a new run, in another --out)")
+        return step
     transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
@@ -130,6 +143,16 @@ def main(argv=None):
     frozen = freeze_unreached(student, teacher, cfg, kind)
     if frozen and master:
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
+
+    # Labels given as bare ids may number the classes in another order than the teacher: the teacher's
+    # predictions on a sample of them say so (once, before the loop; never inside a step).
+    label_warnings = []
+    if master and teacher is not None and kind is not None:
+        warning = label_order_sample(teacher, train_data, args.train, tokenizer.pad_token_id, device, autocast,
+                                     args.batch_size)
+        if warning:
+            label_warnings.append(warning)
+            print(warning, flush=True)
 
     model = student
     if args.compile:  # after the probe's forward (see compile_layers)
@@ -201,6 +224,11 @@ def main(argv=None):
     teacher_predictions = teacher_scores = valid_scores = None
     if valid_data is not None and kind is not None and teacher is not None:  # once per run (resumed runs too)
         teacher_scores, teacher_predictions = evaluate(teacher)
+        warning = label_order_warning(kind, teacher_predictions, gold(valid_data), teacher.config.id2label,
+                                      args.valid) if valid_data.meta.get("labels_as_ids") else None
+        if warning and master:
+            label_warnings.append(warning)
+            print(warning, flush=True)
         log(args, master, {"step": step, **{f"teacher_{k}": v for k, v in teacher_scores.items() if k != "examples"}},
             loggers)
     elif valid_data is not None and kind is None and teacher_ppl is None:
@@ -333,6 +361,13 @@ def main(argv=None):
         else:
             write_task_model_card(args.out, config, teacher, student, kind, step, valid_scores, teacher_scores)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
+        if label_warnings:  # the student's label names are the teacher's; the data's ids may not follow them
+            names = ", ".join(f"{i} {n}" for i, n in list(student.config.id2label.items())[:6])
+            print(f"warning: {args.out} keeps the teacher's label names ({names}), which the data's label ids may not "
+                  f"follow (see the warning above{'; with --alpha-kd 0 the student learnt the data ids alone' if not cfg.alpha_kd else ''}); "
+                  "check them, or rerun with --label-map")
+        print(f"checkpoints: {checkpoints_size(args.out) / 1e6:.0f} MB in {os.path.join(args.out, 'checkpoints')}, "
+              "for --resume; the student does not need them: rm -r that folder to free the space")
     if ddp:
         dist.barrier()
         # Let gloo's worker threads take the GIL to free the tensors of finished collectives: the last
@@ -362,11 +397,24 @@ def log(args, master, record, loggers=()):
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
 
+RUN = {"out": None}  # the run's --out, once the flags are read: what an interruption reports on
+
+
+def interrupted_message(out_dir):
+    """What a Ctrl-C outside the loop's own handling (while loading, evaluating, saving, or a second
+    Ctrl-C) leaves, in one line true to what is on disk: the newest checkpoint, or none."""
+    paths = list_checkpoints(out_dir) if out_dir else []
+    if not paths:
+        return "error: interrupted before the first checkpoint; nothing to resume: run the command again"
+    return f"error: interrupted; the newest checkpoint is {paths[-1]}: --resume continues from it"
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     try:
         main()
     except (StudentError, DataError, CheckpointError, FloatingPointError, LogError, HubError) as e:
         rank = os.environ.get("RANK")
         sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
-    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints already written are intact
-        sys.exit("error: interrupted before the checkpoint could be saved; --resume continues from the last one")
+    except KeyboardInterrupt:  # before the loop, after it, or a second Ctrl-C: the checkpoints written are intact
+        sys.exit(interrupted_message(RUN["out"]))
