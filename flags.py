@@ -15,7 +15,7 @@ import json
 import math
 import sys
 
-from data import default_cache_dir
+from token_cache import default_cache_dir
 from distil import KINDS
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import transformers
 
-from data import DataError, default_cache_dir, load_corpus, make_batch, make_sequences, mask_spec
+from data import make_batch, make_sequences, mask_spec
+from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
 from precision import DTYPES, autocast_for
 from student import StudentError, load_teacher, load_tokenizer, task_kind, usable_positions
@@ -38,22 +39,6 @@ def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
     mine = list(range(rank, len(seqs.starts), world_size))
     for i in range(0, len(mine), batch_size):
         yield make_batch(seqs, mine[i:i + batch_size], tokenizer, spec, VALID_MASK_SEED, 0)
-
-
-def to_device(batch, device):
-    """A batch's arrays as tensors on `device` (through pinned memory on a GPU, so the copy is
-    asynchronous; a DataLoader with pin_memory=True has pinned them already); plain Python values
-    (the `padded` flag) stay as they are."""
-    device = torch.device(device)
-
-    def move(value):
-        if not isinstance(value, (np.ndarray, torch.Tensor)):
-            return value
-        value = torch.as_tensor(value)
-        if device.type == "cuda" and not value.is_pinned():
-            value = value.pin_memory()
-        return value.to(device, non_blocking=True)
-    return {k: move(v) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ transformers, but is imported only here, only when asked.
 import json
 import os
 
-from data import first_line
+from token_cache import first_line
 from tasks import format_score
 
 
@@ -248,7 +248,6 @@ Scores in % (Pearson and Spearman as correlations); agreement is with the teache
 ## How to use
 
 ```python
-from transformers import pipeline
 classify = pipeline("{pipeline}", model="{name}")
 ```
 """

@@ -4,7 +4,8 @@ task (labelled data, tasks.py). Every problem is a one-line StudentError or Data
 
 import torch
 
-from data import DataError, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec
+from data import make_sequences, mask_spec
+from token_cache import DataError, corpus_digest, corpus_note, load_corpus
 from distil import DistilConfig, check_capture, parse_layer_map
 from student import (StudentError, build_student, check_layers, check_student_vocabulary, load_student_checkpoint,
                      load_tokenizer, make_student, task_kind, usable_positions)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import DataError, _plain_backend, dataset_fingerprint, epoch_batches, is_dataset, open_dataset, read_records
+from data import epoch_batches
+from token_cache import DataError, dataset_fingerprint, is_dataset, open_dataset, plain_backend, read_records
 from distil import KINDS, task_rows
 
 CACHE_VERSION = 1
@@ -157,7 +158,7 @@ def _cache_key(path, tokenizer, options):
             h.update(f.read())  # labelled sets are small: hash the whole file
         h.update(json.dumps([os.path.abspath(path), stat.st_size]).encode())
     h.update(json.dumps([CACHE_VERSION, options]).encode())
-    h.update(_plain_backend(tokenizer).to_str().encode())
+    h.update(plain_backend(tokenizer).to_str().encode())
     return h.hexdigest()[:20]
 
 

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
                         load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
                         truncate_metrics)
-from data import DataError, MicroBatches, micro_batch_loader
+from data import MicroBatches, micro_batch_loader, to_device
+from token_cache import DataError
 from distil import count_rows, count_task_rows, distil_step, freeze_unreached, task_step, unwrap
 from flags import parse_args, recipe_defaults
-from heldout import masked_lm_sums, perplexity, to_device, valid_batches
+from heldout import masked_lm_sums, perplexity, valid_batches
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype

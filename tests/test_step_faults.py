@@ -20,9 +20,9 @@ import torch
 
 import train
 from conftest import write_corpus
-from data import make_batch, make_sequences, mask_spec, load_corpus
+from data import make_batch, make_sequences, mask_spec, to_device
+from token_cache import load_corpus
 from distil import DistilConfig, default_layer_map, distil_step, with_rows
-from heldout import to_device
 from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss,
                     relation_loss)
 from student import load_teacher, load_tokenizer, make_student

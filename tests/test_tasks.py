@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import tasks
 import train
 from conftest import WORDS, make_bert_teacher, write_bert_vocab
-from data import DataError
+from token_cache import DataError
 from distil import DistilConfig, task_rows, task_step
 from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, multi_label_kd_loss, regression_loss
 from student import StudentError

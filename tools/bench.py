@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import distil
-from data import Corpus, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from data import epoch_batches, make_batch, make_sequences, mask_spec, to_device
+from token_cache import Corpus, load_corpus
 from distil import DistilConfig, count_rows, distil_step
-from heldout import to_device
 from precision import DTYPES, autocast_for, pick_dtype
 from student import load_teacher, make_student
 from train import host_to_device

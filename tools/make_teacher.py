@@ -38,9 +38,10 @@ import transformers
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
 import train
-from data import default_cache_dir, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from data import epoch_batches, make_batch, make_sequences, mask_spec, to_device
+from token_cache import default_cache_dir, load_corpus
 from distil import forward_at_rows
-from heldout import masked_lm_sums, perplexity, to_device, valid_batches
+from heldout import masked_lm_sums, perplexity, valid_batches
 from precision import DTYPES, autocast_for, pick_dtype
 
 QUICK_ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "minilm-l6-quick.safetensors")
