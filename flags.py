@@ -16,7 +16,7 @@ import math
 import sys
 
 from token_cache import default_cache_dir
-from distil import KINDS
+from tasks import KINDS
 
 
 def read_config(path):

@@ -7,7 +7,7 @@ For masked LMs, prints the held-out masked-LM perplexity of both models, how oft
 top-1 prediction at a masked position is the teacher's, their parameter counts, and the student's
 inference speed-up over the teacher on the same batch. The masks are fixed (a constant seed,
 uniform masking), so numbers compare across runs and across students. For models fine-tuned on a
-task (sequence or token classification), the task's scores of both (tasks.task_metrics: accuracy
+task (sequence or token classification), the task's scores of both (task_metrics: accuracy
 and macro-F1, micro-F1, Pearson and Spearman, or entity F1) and how often the student agrees with
 the teacher; --teacher is optional there. train.py uses the same functions for validation.
 """
@@ -24,13 +24,20 @@ import numpy as np
 import torch
 import transformers
 
-from data import make_batch, make_sequences, mask_spec
+from data import make_batch, make_sequences, mask_spec, to_device
 from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
 from precision import DTYPES, autocast_for
+from tasks import examples_note, load_examples, valid_task_batches
 from student import StudentError, load_teacher, load_tokenizer, task_kind, usable_positions
 
 VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
+PRIMARY = {"single_label_classification": "accuracy", "multi_label_classification": "micro_f1",
+           "regression": "pearson", "token_classification": "entity_f1"}  # the score a run is judged by
+
+# ---------------------------------------------------------------------------------------------
+# Masked LMs: perplexity
+# ---------------------------------------------------------------------------------------------
 
 
 def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
@@ -67,6 +74,180 @@ def masked_lm_sums(model, batches, device, autocast=nullcontext, teacher=None):
 
 def perplexity(ce_sum, count):
     return math.exp(ce_sum / count) if count else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: predictions and scores (numpy; seqeval for entity F1)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, batches, device, autocast):
+    """{example id: the model's float32 logits (C,), or (words, C) for token classification}."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for batch in batches:
+            inputs = {k: torch.as_tensor(batch[k], device=device) for k in ("input_ids", "attention_mask",
+                                                                              "token_type_ids") if k in batch}
+            with autocast():
+                logits = model(**inputs).logits.float().cpu().numpy()
+            for row, i in enumerate(batch["example_ids"]):
+                if logits.ndim == 3:  # token classification: the rows of the words' first sub-tokens
+                    out[int(i)] = logits[row][np.asarray(batch["word_mask"][row], dtype=bool)]
+                else:
+                    out[int(i)] = logits[row]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def gold(examples):
+    """{example id: its label (id, float vector, or word label ids)} for the labelled examples."""
+    out = {}
+    for i in range(len(examples.starts)):
+        if examples.kind == "token_classification":
+            span = slice(examples.starts[i], examples.starts[i] + examples.lengths[i])
+            tags = examples.token_labels[span][examples.word_mask[span]]
+            if (tags != -100).all() and len(tags):
+                out[i] = tags
+        elif examples.kind == "single_label_classification":
+            if examples.labels[i] != -100:
+                out[i] = examples.labels[i]
+        elif not np.isnan(examples.labels[i]).any():
+            out[i] = examples.labels[i]
+    return out
+
+
+def decide(kind, logits):
+    """What a model predicts from its logits: argmax ids, 0/1 per label (sigmoid > 0.5), or the values."""
+    if kind == "multi_label_classification":
+        return (logits > 0).astype(np.int64)
+    if kind == "regression":
+        return logits
+    return logits.argmax(-1)
+
+
+def format_score(kind, value):
+    """A score as the tables print it: in % with two decimals, or, for a regression (whose scores and
+    agreement are correlations), as the correlation with four."""
+    return f"{value:.4f}" if kind == "regression" else f"{100 * value:.2f}"
+
+
+def _f1(true_pos, false_pos, false_neg):
+    return 2 * true_pos / max(1, 2 * true_pos + false_pos + false_neg)
+
+
+def _ranks(x):
+    """Ranks 1..n of x, ties given their mean rank (Spearman's convention, as scipy's rankdata)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    values, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / np.bincount(inverse))[inverse]
+
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
+
+
+def task_metrics(kind, predictions, labels, id2label, teacher_predictions=None):
+    """Scores of `predictions` ({id: logits}) against `labels` ({id: label}, labelled examples only):
+
+        single-label: accuracy and macro-F1 (the mean over the labels that occur of each label's F1)
+        multi-label:  micro-F1 over every (example, label) decision, and exact-match accuracy
+        regression:   Pearson and Spearman correlations (the mean over outputs)
+        token:        word accuracy and, when the labels are IOB tags (B-X, I-X, O), entity-level F1
+                      (seqeval's, as CoNLL's conlleval scores: an entity counts when its span and
+                      type are both right)
+
+    With the teacher's predictions, `agreement`: the fraction of decisions where the two agree
+    (regression: the Pearson correlation of their predictions). Small formulas are written here
+    (numpy only); entity F1 comes from seqeval, imported only for token classification.
+    """
+    ids = sorted(labels)
+    metrics = {"examples": len(ids)}
+    if ids:
+        pred = [decide(kind, predictions[i]) for i in ids]
+        true = [labels[i] for i in ids]
+        if kind == "single_label_classification":
+            pred, true = np.array(pred), np.array(true)
+            metrics["accuracy"] = float((pred == true).mean())
+            # over the labels that occur (gold or predicted), as sklearn's f1_score(average="macro"): a label
+            # absent from this set would add an F1 of 0 and cap the score below 1 however good the model
+            metrics["macro_f1"] = float(np.mean([_f1(((pred == c) & (true == c)).sum(), ((pred == c) & (true != c)).sum(),
+                                                     ((pred != c) & (true == c)).sum()) for c in np.union1d(pred, true)]))
+        elif kind == "multi_label_classification":
+            pred, true = np.stack(pred), np.stack(true).astype(np.int64)
+            metrics["micro_f1"] = float(_f1(((pred == 1) & (true == 1)).sum(), ((pred == 1) & (true == 0)).sum(),
+                                            ((pred == 0) & (true == 1)).sum()))
+            metrics["exact_match"] = float((pred == true).all(axis=1).mean())
+        elif kind == "regression":
+            pred, true = np.stack(pred).reshape(len(ids), -1), np.stack(true).reshape(len(ids), -1)
+            metrics["pearson"] = float(np.mean([_pearson(pred[:, c], true[:, c]) for c in range(pred.shape[1])]))
+            metrics["spearman"] = float(np.mean([_pearson(_ranks(pred[:, c]), _ranks(true[:, c]))
+                                                 for c in range(pred.shape[1])]))
+        else:
+            flat_p, flat_t = np.concatenate(pred), np.concatenate(true)
+            metrics["accuracy"] = float((flat_p == flat_t).mean())
+            names = [str(id2label[i]) for i in sorted(id2label)]
+            if all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
+                metrics["entity_f1"] = entity_f1([[names[t] for t in x] for x in true],
+                                                 [[names[p] for p in x] for x in pred])
+    if teacher_predictions is not None:
+        shared = sorted(set(predictions) & set(teacher_predictions))
+        s = [decide(kind, predictions[i]) for i in shared]
+        t = [decide(kind, teacher_predictions[i]) for i in shared]
+        if kind == "regression":
+            metrics["agreement"] = _pearson(np.concatenate(s).ravel(), np.concatenate(t).ravel()) if shared else 0.0
+        else:
+            s = np.concatenate([np.ravel(x) for x in s]) if shared else np.zeros(0)
+            t = np.concatenate([np.ravel(x) for x in t]) if shared else np.zeros(0)
+            metrics["agreement"] = float((s == t).mean()) if len(s) else 0.0
+    return metrics
+
+
+def check_metrics(kind, id2label):
+    """Fail before training, not at the first evaluation, when a metric's package is missing."""
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    if kind == "token_classification" and all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
+        entity_f1([["B-X"]], [["B-X"]])  # one entity: seqeval warns that the F1 of none is undefined
+
+
+def entity_f1(true_tags, predicted_tags):
+    """Entity-level F1 of IOB-tagged sentences (lists of tag names), by seqeval (pip install seqeval)."""
+    try:
+        from seqeval.metrics import f1_score
+    except ImportError:
+        raise DataError("entity-level F1 of token classification needs seqeval: pip install seqeval") from None
+    return float(f1_score(true_tags, predicted_tags))
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: every rank scores its share of the held-out set, and the shares are gathered
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_masked_lm(model, valid_data, tokenizer, batch_size, device, autocast, rank=0, world_size=1):
+    """{"ppl": the held-out masked-LM perplexity}, over every rank's share (all_reduce when distributed)."""
+    sums = masked_lm_sums(model, valid_batches(valid_data, tokenizer, batch_size, rank, world_size), device, autocast)
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    return {"ppl": perplexity(*sums[:2].tolist())}
+
+
+def evaluate_task_model(model, valid_data, id2label, pad_id, batch_size, device, autocast, rank=0, world_size=1,
+                        teacher_predictions=None):
+    """(task_metrics' scores, {example id: logits}) over every rank's share, gathered on every rank;
+    with the teacher's predictions, the agreement with them. `id2label`: the student's labels."""
+    shard = predict(model, valid_task_batches(valid_data, pad_id, batch_size, rank, world_size), device, autocast)
+    shards = [shard]
+    if world_size > 1:
+        shards = [None] * world_size
+        torch.distributed.all_gather_object(shards, shard)
+    predictions = {i: p for shard in shards for i, p in shard.items()}
+    return task_metrics(valid_data.kind, predictions, gold(valid_data), id2label, teacher_predictions), predictions
 
 
 @torch.no_grad()
@@ -153,8 +334,7 @@ def main(argv=None):
 
 def evaluate_task(args, student, kind, device, autocast):
     """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
-    from tasks import (check_metrics, examples_note, format_score, gold, load_examples, predict, task_metrics,
-                       valid_task_batches)
+
 
     run_json = os.path.join(args.student, "run.json")  # train.py's record: the columns it was trained on
     run = json.load(open(run_json)) if os.path.isfile(run_json) else {}

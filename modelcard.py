@@ -12,7 +12,7 @@ import json
 import os
 
 from token_cache import first_line
-from tasks import format_score
+from heldout import format_score
 
 
 class HubError(RuntimeError):
