@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from losses import (attention_kl_loss, attention_mse_loss, binary_cross_entropy_loss, cosine_loss,
-                    cross_entropy_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss, multi_label_kd_loss,
-                    regression_loss, relation_loss)
+from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss,
+                    relation_loss)
 
 
 @dataclass
@@ -270,105 +269,6 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     return weighted(terms, cfg)
 
 
-# ---- task distillation: a teacher fine-tuned on a task, the task's (partly) labelled data ----
-# KINDS: what the task head predicts, as transformers' problem_type names it, and token classification.
-KINDS = ("single_label_classification", "multi_label_classification", "regression", "token_classification")
-
-
-def task_rows(attention_mask, labels, kind, word_mask=None):
-    """Where a task's losses read, decided on the host from numpy arrays in transformers' layouts:
-
-        labels: (B,) int64, -100 = no label         single_label_classification
-                (B, C) or (B,) float, NaN = no label multi_label_classification (1.0/0.0), regression
-                (B, L) int64, -100 = no label        token_classification
-        word_mask: (B, L) bool, token_classification only: the positions predicted (each word's
-                   first sub-token), labelled or not; default: where labels != -100
-
-    Returns numpy int64 indices: real_rows (flat into B * L, the layer losses), kd_rows (the
-    teacher's soft targets: every sequence, or every predicted token, flat), label_rows (those
-    with a label) and row_labels (the labels there: int64, or float32 (n, C)), and `padded`.
-    """
-    attention_mask = np.asarray(attention_mask)
-    real = np.flatnonzero(attention_mask.reshape(-1))
-    rows = {"real_rows": real, "padded": len(real) < attention_mask.size}
-    labels = np.asarray(labels)
-    if kind == "token_classification":
-        word_mask = labels != -100 if word_mask is None else np.asarray(word_mask, dtype=bool)
-        flat = labels.reshape(-1)
-        labelled = np.flatnonzero(flat != -100)
-        return {**rows, "kd_rows": np.flatnonzero(word_mask.reshape(-1)), "label_rows": labelled,
-                "row_labels": flat[labelled].astype(np.int64)}
-    rows["kd_rows"] = np.arange(len(labels), dtype=np.int64)
-    if kind == "single_label_classification":
-        labelled = np.flatnonzero(labels != -100)
-        return {**rows, "label_rows": labelled, "row_labels": labels[labelled].astype(np.int64)}
-    values = labels.reshape(len(labels), -1).astype(np.float32)
-    labelled = np.flatnonzero(~np.isnan(values).any(axis=1))
-    return {**rows, "label_rows": labelled, "row_labels": values[labelled]}
-
-
-def count_task_rows(batch, cfg):
-    """How many rows each task loss reads in `batch` (host ints): the denominators' parts."""
-    return {"kd": len(batch["kd_rows"]), "label": len(batch["label_rows"]), "cos": len(batch["real_rows"])}
-
-
-def task_step(student, teacher, batch, cfg, kind, denominators=None):
-    """Losses of one (micro-)batch of a task. Returns (weighted total, {term name: detached value}).
-
-        loss = alpha_kd * KD + alpha_label * LABEL + alpha_mse * MSE + the layer losses (layer_terms)
-
-    KD: the teacher's softened predictions, one row per sequence (per predicted word for token
-    classification): kd_loss (T^2 KL) for single-label and token classification, multi_label_kd_loss
-    for multi-label, regression_loss to the teacher's prediction for regression. LABEL: the gold
-    labels where a row has one: cross-entropy, binary cross-entropy (multi-label) or squared error
-    (regression). Rows without a label still learn from the teacher (KD). MSE: squared error of the
-    logits (alpha_mse). `kind` is one of KINDS; student and teacher are models of that task (the
-    teacher may be None when no loss reads it). `batch` holds input_ids and attention_mask (B, L)
-    (and token_type_ids for text pairs, when the model has them) and task_rows' index tensors, on
-    the models' device; `denominators` maps "kd", "label", "cos" to row counts (None: this batch's).
-    """
-    denominators = denominators or count_task_rows(batch, cfg)
-    attention_mask = batch["attention_mask"] if batch["padded"] else None
-    real_rows = batch["real_rows"] if batch["padded"] else None
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_mask,
-              "output_hidden_states": cfg.needs_hidden_states()}
-    if "token_type_ids" in batch:  # the segment of each token of a text pair (BERT-style models)
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    prepare_layer_losses(student, teacher, cfg)
-    # token classification's logits are (B, L, C): the rows are the predicted tokens' flat positions
-    at = at_rows if kind == "token_classification" else (lambda logits, rows: logits.index_select(0, rows))
-    teacher_out = None
-    if cfg.needs_teacher():
-        with torch.no_grad():
-            teacher_out = teacher(**inputs)
-    student_out = student(**inputs)
-    student_logits = student_out.logits
-    terms = {}
-    if cfg.needs_teacher_logits():
-        s, t = at(student_logits, batch["kd_rows"]), at(teacher_out.logits, batch["kd_rows"])
-        if cfg.alpha_kd > 0:
-            if kind == "regression":
-                terms["kd"] = regression_loss(s, t, denominators["kd"])
-            elif kind == "multi_label_classification":
-                terms["kd"] = multi_label_kd_loss(s, t, cfg.temperature, denominators["kd"])
-            else:
-                terms["kd"] = kd_loss(s, t, cfg.temperature, denominators["kd"])
-        if cfg.alpha_mse > 0:
-            terms["mse"] = mse_loss(s, t, denominators["kd"])
-    if cfg.alpha_label > 0:
-        s, y = at(student_logits, batch["label_rows"]), batch["row_labels"]
-        if kind == "regression":
-            terms["label"] = regression_loss(s, y, denominators["label"])
-        elif kind == "multi_label_classification":
-            terms["label"] = binary_cross_entropy_loss(s, y, denominators["label"])
-        else:
-            terms["label"] = cross_entropy_loss(s, y, denominators["label"])
-    teacher_hidden = teacher_out.hidden_states if teacher_out is not None else None
-    terms.update(layer_terms(student, teacher, student_out.hidden_states, teacher_hidden, attention_mask,
-                             real_rows, denominators["cos"], cfg))
-    return weighted(terms, cfg)
-
-
 def weighted(terms, cfg):
     """(the weighted total, the terms detached): each term times its cfg.alpha_<name>."""
     total = sum(getattr(cfg, f"alpha_{name}") * value for name, value in terms.items())
@@ -419,33 +319,26 @@ def prepare_layer_losses(student, teacher, cfg):
         enable_capture(student, {s for _, s in wanted})
 
 
-def freeze_unreached(student, teacher, cfg, kind=None, length=8):
+def probe_batch(student, length=8):
+    """A short batch in which every position is labelled, on the student's device: what a masked-LM
+    step reads everywhere (freeze_unreached's probe)."""
+    device = next(student.parameters()).device
+    input_ids = (torch.arange(length, device=device) % unwrap(student).get_input_embeddings().num_embeddings)[None]
+    return with_rows({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids})
+
+
+def freeze_unreached(student, probe_loss):
     """Stop training the student's parameters that no active loss reaches; returns their names.
 
     With only hidden states compared (alpha_hidden), the MLM head runs but nothing reads its logits;
     with a --layer-map that stops before the last layer, the layers after it feed nothing. Such
     parameters get no gradient, which DistributedDataParallel takes for an error ("Expected to have
     finished reduction in the prior iteration") unless it searches the graph every step
-    (find_unused_parameters, slow, and it hides such mistakes). One probe step on a short batch in
-    which every position is labelled finds them; they keep the teacher's values and are saved as such.
-    `kind`: None for a masked LM (distil_step), else the task (one of KINDS, task_step).
+    (find_unused_parameters, slow, and it hides such mistakes). `probe_loss` is the run's step on a
+    probe batch (probe_batch, or tasks.task_probe_batch): backpropagated here, the parameters left
+    without a gradient keep the teacher's values and are saved as such.
     """
-    device = next(student.parameters()).device
-    vocab_size = unwrap(student).get_input_embeddings().num_embeddings
-    input_ids = (torch.arange(length, device=device) % vocab_size)[None]
-    attention_mask = torch.ones_like(input_ids)
-    if kind is None:
-        probe = with_rows({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids})
-        loss, _ = distil_step(student, teacher, probe, cfg)
-    else:
-        n_labels = unwrap(student).config.num_labels
-        labels = {"single_label_classification": np.zeros(1, dtype=np.int64),
-                  "token_classification": np.zeros((1, length), dtype=np.int64)}.get(kind, np.zeros((1, n_labels)))
-        rows = {k: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
-                for k, v in task_rows(np.ones((1, length)), labels, kind).items()}
-        loss, _ = task_step(student, teacher, {"input_ids": input_ids, "attention_mask": attention_mask, **rows},
-                            cfg, kind)
-    loss.backward()
+    probe_loss.backward()
     unreached = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in student.named_parameters():
         p.grad = None

@@ -15,8 +15,8 @@ import json
 import math
 import sys
 
-from data import default_cache_dir
-from distil import KINDS
+from token_cache import default_cache_dir
+from tasks import KINDS
 
 
 def read_config(path):

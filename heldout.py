@@ -7,7 +7,7 @@ For masked LMs, prints the held-out masked-LM perplexity of both models, how oft
 top-1 prediction at a masked position is the teacher's, their parameter counts, and the student's
 inference speed-up over the teacher on the same batch. The masks are fixed (a constant seed,
 uniform masking), so numbers compare across runs and across students. For models fine-tuned on a
-task (sequence or token classification), the task's scores of both (tasks.task_metrics: accuracy
+task (sequence or token classification), the task's scores of both (task_metrics: accuracy
 and macro-F1, micro-F1, Pearson and Spearman, or entity F1) and how often the student agrees with
 the teacher; --teacher is optional there. train.py uses the same functions for validation.
 """
@@ -24,12 +24,20 @@ import numpy as np
 import torch
 import transformers
 
-from data import DataError, default_cache_dir, load_corpus, make_batch, make_sequences, mask_spec
+from data import make_batch, make_sequences, mask_spec, to_device
+from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
 from precision import DTYPES, autocast_for
+from tasks import check_labelled, examples_note, load_examples, parse_label_map, task_batch, valid_task_batches
 from student import StudentError, load_teacher, load_tokenizer, task_kind, usable_positions
 
 VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
+PRIMARY = {"single_label_classification": "accuracy", "multi_label_classification": "micro_f1",
+           "regression": "pearson", "token_classification": "entity_f1"}  # the score a run is judged by
+
+# ---------------------------------------------------------------------------------------------
+# Masked LMs: perplexity
+# ---------------------------------------------------------------------------------------------
 
 
 def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
@@ -38,22 +46,6 @@ def valid_batches(seqs, tokenizer, batch_size, rank=0, world_size=1):
     mine = list(range(rank, len(seqs.starts), world_size))
     for i in range(0, len(mine), batch_size):
         yield make_batch(seqs, mine[i:i + batch_size], tokenizer, spec, VALID_MASK_SEED, 0)
-
-
-def to_device(batch, device):
-    """A batch's arrays as tensors on `device` (through pinned memory on a GPU, so the copy is
-    asynchronous; a DataLoader with pin_memory=True has pinned them already); plain Python values
-    (the `padded` flag) stay as they are."""
-    device = torch.device(device)
-
-    def move(value):
-        if not isinstance(value, (np.ndarray, torch.Tensor)):
-            return value
-        value = torch.as_tensor(value)
-        if device.type == "cuda" and not value.is_pinned():
-            value = value.pin_memory()
-        return value.to(device, non_blocking=True)
-    return {k: move(v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -82,6 +74,245 @@ def masked_lm_sums(model, batches, device, autocast=nullcontext, teacher=None):
 
 def perplexity(ce_sum, count):
     return math.exp(ce_sum / count) if count else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: predictions and scores (numpy; seqeval for entity F1)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, batches, device, autocast):
+    """{example id: the model's float32 logits (C,), or (words, C) for token classification}."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for batch in batches:
+            inputs = {k: torch.as_tensor(batch[k], device=device) for k in ("input_ids", "attention_mask",
+                                                                              "token_type_ids") if k in batch}
+            with autocast():
+                logits = model(**inputs).logits.float().cpu().numpy()
+            for row, i in enumerate(batch["example_ids"]):
+                if logits.ndim == 3:  # token classification: the rows of the words' first sub-tokens
+                    out[int(i)] = logits[row][np.asarray(batch["word_mask"][row], dtype=bool)]
+                else:
+                    out[int(i)] = logits[row]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def gold(examples):
+    """{example id: its label (id, float vector, or word label ids)} for the labelled examples."""
+    out = {}
+    for i in range(len(examples.starts)):
+        if examples.kind == "token_classification":
+            span = slice(examples.starts[i], examples.starts[i] + examples.lengths[i])
+            tags = examples.token_labels[span][examples.word_mask[span]]
+            if (tags != -100).all() and len(tags):
+                out[i] = tags
+        elif examples.kind == "single_label_classification":
+            if examples.labels[i] != -100:
+                out[i] = examples.labels[i]
+        elif not np.isnan(examples.labels[i]).any():
+            out[i] = examples.labels[i]
+    return out
+
+
+def decide(kind, logits):
+    """What a model predicts from its logits: argmax ids, 0/1 per label (sigmoid > 0.5), or the values."""
+    if kind == "multi_label_classification":
+        return (logits > 0).astype(np.int64)
+    if kind == "regression":
+        return logits
+    return logits.argmax(-1)
+
+
+def format_score(kind, value):
+    """A score as the tables print it: in % with two decimals, or, for a regression (whose scores and
+    agreement are correlations), as the correlation with four."""
+    return f"{value:.4f}" if kind == "regression" else f"{100 * value:.2f}"
+
+
+def _f1(true_pos, false_pos, false_neg):
+    return 2 * true_pos / max(1, 2 * true_pos + false_pos + false_neg)
+
+
+def _ranks(x):
+    """Ranks 1..n of x, ties given their mean rank (Spearman's convention, as scipy's rankdata)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    values, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / np.bincount(inverse))[inverse]
+
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
+
+
+def task_metrics(kind, predictions, labels, id2label, teacher_predictions=None):
+    """Scores of `predictions` ({id: logits}) against `labels` ({id: label}, labelled examples only):
+
+        single-label: accuracy and macro-F1 (the mean over the labels that occur of each label's F1)
+        multi-label:  micro-F1 over every (example, label) decision, and exact-match accuracy
+        regression:   Pearson and Spearman correlations (the mean over outputs)
+        token:        word accuracy and, when the labels are IOB tags (B-X, I-X, O), entity-level F1
+                      (seqeval's, as CoNLL's conlleval scores: an entity counts when its span and
+                      type are both right)
+
+    With the teacher's predictions, `agreement`: the fraction of decisions where the two agree
+    (regression: the Pearson correlation of their predictions). Small formulas are written here
+    (numpy only); entity F1 comes from seqeval, imported only for token classification.
+    """
+    ids = sorted(labels)
+    metrics = {"examples": len(ids)}
+    if ids:
+        pred = [decide(kind, predictions[i]) for i in ids]
+        true = [labels[i] for i in ids]
+        if kind == "single_label_classification":
+            pred, true = np.array(pred), np.array(true)
+            metrics["accuracy"] = float((pred == true).mean())
+            # over the labels that occur (gold or predicted), as sklearn's f1_score(average="macro"): a label
+            # absent from this set would add an F1 of 0 and cap the score below 1 however good the model
+            metrics["macro_f1"] = float(np.mean([_f1(((pred == c) & (true == c)).sum(), ((pred == c) & (true != c)).sum(),
+                                                     ((pred != c) & (true == c)).sum()) for c in np.union1d(pred, true)]))
+        elif kind == "multi_label_classification":
+            pred, true = np.stack(pred), np.stack(true).astype(np.int64)
+            metrics["micro_f1"] = float(_f1(((pred == 1) & (true == 1)).sum(), ((pred == 1) & (true == 0)).sum(),
+                                            ((pred == 0) & (true == 1)).sum()))
+            metrics["exact_match"] = float((pred == true).all(axis=1).mean())
+        elif kind == "regression":
+            pred, true = np.stack(pred).reshape(len(ids), -1), np.stack(true).reshape(len(ids), -1)
+            metrics["pearson"] = float(np.mean([_pearson(pred[:, c], true[:, c]) for c in range(pred.shape[1])]))
+            metrics["spearman"] = float(np.mean([_pearson(_ranks(pred[:, c]), _ranks(true[:, c]))
+                                                 for c in range(pred.shape[1])]))
+        else:
+            flat_p, flat_t = np.concatenate(pred), np.concatenate(true)
+            metrics["accuracy"] = float((flat_p == flat_t).mean())
+            names = [str(id2label[i]) for i in sorted(id2label)]
+            if all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
+                metrics["entity_f1"] = entity_f1([[names[t] for t in x] for x in true],
+                                                 [[names[p] for p in x] for x in pred])
+    if teacher_predictions is not None:
+        shared = sorted(set(predictions) & set(teacher_predictions))
+        s = [decide(kind, predictions[i]) for i in shared]
+        t = [decide(kind, teacher_predictions[i]) for i in shared]
+        if kind == "regression":
+            metrics["agreement"] = _pearson(np.concatenate(s).ravel(), np.concatenate(t).ravel()) if shared else 0.0
+        else:
+            s = np.concatenate([np.ravel(x) for x in s]) if shared else np.zeros(0)
+            t = np.concatenate([np.ravel(x) for x in t]) if shared else np.zeros(0)
+            metrics["agreement"] = float((s == t).mean()) if len(s) else 0.0
+    return metrics
+
+
+def check_metrics(kind, id2label):
+    """Fail before training, not at the first evaluation, when a metric's package is missing."""
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    if kind == "token_classification" and all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
+        entity_f1([["B-X"]], [["B-X"]])  # one entity: seqeval warns that the F1 of none is undefined
+
+
+def entity_f1(true_tags, predicted_tags):
+    """Entity-level F1 of IOB-tagged sentences (lists of tag names), by seqeval (pip install seqeval)."""
+    try:
+        from seqeval.metrics import f1_score
+    except ImportError:
+        raise DataError("entity-level F1 of token classification needs seqeval: pip install seqeval") from None
+    return float(f1_score(true_tags, predicted_tags))
+
+
+def label_order(kind, predictions, labels, n_labels, min_labels=20):
+    """Whether labels given as ids look numbered in another order than the teacher's: the teacher's
+    decisions ({id: logits}) agree with the labels ({id: label ids}) far below chance, while one
+    permutation of the ids makes them agree on most. Returns None, or (agreement, chance, the
+    permutation as {data id: teacher id}, the agreement under it). Single-label and token
+    classification only; needs at least `min_labels` labels (words, for tokens)."""
+    if kind not in ("single_label_classification", "token_classification"):
+        return None
+    ids = [i for i in sorted(labels) if i in predictions]
+    if not ids:
+        return None
+    true = np.concatenate([np.ravel(labels[i]) for i in ids]).astype(np.int64)
+    pred = np.concatenate([np.ravel(np.asarray(predictions[i]).argmax(-1)) for i in ids]).astype(np.int64)
+    if len(true) < min_labels:
+        return None
+    counts = np.zeros((n_labels, n_labels))  # counts[data id, teacher's decision]
+    np.add.at(counts, (true, pred), 1)
+    total = counts.sum()
+    agreement = np.trace(counts) / total
+    chance = float((counts.sum(1) / total) @ (counts.sum(0) / total))
+    if n_labels <= 8:  # every permutation (8! = 40320 sums)
+        import itertools
+        best = max(itertools.permutations(range(n_labels)), key=lambda p: counts[range(n_labels), p].sum())
+    else:  # greedy: the largest remaining cell first
+        best, free_rows, free_cols, work = [None] * n_labels, set(range(n_labels)), set(range(n_labels)), counts.copy()
+        while free_rows:
+            d, t = np.unravel_index(np.argmax(work), work.shape)
+            best[d] = t
+            free_rows.discard(d), free_cols.discard(t)
+            work[d, :], work[:, t] = -1, -1
+        best = tuple(int(t) for t in best)
+    permuted = counts[range(n_labels), best].sum() / total
+    if agreement < chance / 2 and permuted >= 0.5 and permuted >= agreement + 0.3 and best != tuple(range(n_labels)):
+        return float(agreement), chance, {d: int(t) for d, t in enumerate(best)}, float(permuted)
+    return None
+
+
+def label_order_sample(model, examples, path, pad_id, device, autocast, batch_size, limit=512):
+    """label_order_warning for the first `limit` labelled examples of a file whose labels were given as
+    bare ids, from `model`'s (the teacher's) predictions: one forward over a few hundred records, once
+    before training. None when the labels had names, or nothing looks wrong."""
+    if not examples.meta.get("labels_as_ids") or examples.kind not in ("single_label_classification",
+                                                                      "token_classification"):
+        return None
+    labels = gold(examples)
+    ids = np.array(sorted(labels)[:limit], dtype=np.int64)
+    batches = (task_batch(examples, ids[i:i + batch_size], pad_id) for i in range(0, len(ids), batch_size))
+    predictions = predict(model, batches, device, autocast)
+    return label_order_warning(examples.kind, predictions, {int(i): labels[int(i)] for i in ids},
+                               {int(i): str(n) for i, n in model.config.id2label.items()}, path)
+
+
+def label_order_warning(kind, predictions, labels, id2label, path):
+    """label_order's finding as one line naming the --label-map that applies the permutation, or None."""
+    found = label_order(kind, predictions, labels, len(id2label))
+    if found is None:
+        return None
+    agreement, chance, permutation, permuted = found
+    spec = ",".join(f"{d}:{t}" for d, t in permutation.items())
+    return (f"warning: {path}: the teacher agrees with {100 * agreement:.0f}% of the labels (chance: "
+            f"{100 * chance:.0f}%) but with {100 * permuted:.0f}% once the data's ids are read as --label-map "
+            f"{spec}: the data likely numbers its labels in another order than the teacher's "
+            f"({', '.join(f'{i} {n}' for i, n in list(id2label.items())[:6])}); if so, rerun with --label-map {spec}")
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: every rank scores its share of the held-out set, and the shares are gathered
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_masked_lm(model, valid_data, tokenizer, batch_size, device, autocast, rank=0, world_size=1):
+    """{"ppl": the held-out masked-LM perplexity}, over every rank's share (all_reduce when distributed)."""
+    sums = masked_lm_sums(model, valid_batches(valid_data, tokenizer, batch_size, rank, world_size), device, autocast)
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    return {"ppl": perplexity(*sums[:2].tolist())}
+
+
+def evaluate_task_model(model, valid_data, id2label, pad_id, batch_size, device, autocast, rank=0, world_size=1,
+                        teacher_predictions=None):
+    """(task_metrics' scores, {example id: logits}) over every rank's share, gathered on every rank;
+    with the teacher's predictions, the agreement with them. `id2label`: the student's labels."""
+    shard = predict(model, valid_task_batches(valid_data, pad_id, batch_size, rank, world_size), device, autocast)
+    shards = [shard]
+    if world_size > 1:
+        shards = [None] * world_size
+        torch.distributed.all_gather_object(shards, shard)
+    predictions = {i: p for shard in shards for i, p in shard.items()}
+    return task_metrics(valid_data.kind, predictions, gold(valid_data), id2label, teacher_predictions), predictions
 
 
 @torch.no_grad()
@@ -193,8 +424,6 @@ def main(argv=None):
 
 def evaluate_task(args, student, kind, device, autocast):
     """heldout.py for a task model: its scores on labelled --valid data, and the teacher's beside them."""
-    from tasks import (check_labelled, check_metrics, examples_note, format_score, gold, label_order_warning,
-                       load_examples, parse_label_map, predict, task_metrics, valid_task_batches)
 
     if not args.teacher and args.run_teacher and os.path.isdir(args.run_teacher):
         args.teacher = args.run_teacher

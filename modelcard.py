@@ -11,8 +11,8 @@ transformers, but is imported only here, only when asked.
 import json
 import os
 
-from data import first_line
-from tasks import format_score
+from token_cache import first_line
+from heldout import format_score
 
 
 class HubError(RuntimeError):
@@ -248,7 +248,6 @@ Scores in % (Pearson and Spearman as correlations); agreement is with the teache
 ## How to use
 
 ```python
-from transformers import pipeline
 classify = pipeline("{pipeline}", model="{name}")
 ```
 """

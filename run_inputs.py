@@ -2,19 +2,28 @@
 the tokenizer, the recipe, the student and the data, for a masked-LM teacher (a corpus) or a
 task (labelled data, tasks.py). Every problem is a one-line StudentError or DataError."""
 
+from dataclasses import fields
+from types import SimpleNamespace
+
 import torch
 
-from data import DataError, corpus_digest, corpus_note, load_corpus, make_sequences, mask_spec
+from data import make_sequences, mask_spec
+from token_cache import DataError, corpus_digest, corpus_note, load_corpus
 from distil import DistilConfig, check_capture, parse_layer_map
 from student import (StudentError, build_student, check_layers, check_student_vocabulary, load_student_checkpoint,
                      load_tokenizer, make_student, task_kind, usable_positions)
-from tasks import (check_labelled, check_metrics, examples_digest, examples_note, labels_from_data, load_examples,
-                   parse_label_map)
+from heldout import check_metrics
+from tasks import check_labelled, examples_digest, examples_note, labels_from_data, load_examples, parse_label_map
 
 
-def load_inputs(args, config, master, teacher, kind):
+def load_inputs(args, global_batch, master, teacher, kind):
     """Tokenizer, recipe, student and data, each checked (one-line errors) before anything is written
-    or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py)."""
+    or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py).
+
+    Returns a namespace: tokenizer, layers (the teacher layers kept), cfg (distil.DistilConfig),
+    student, train_data and valid_data (data.Sequences or tasks.Examples; valid None without
+    --valid), spec (data.MaskSpec; None for a task), seq_len (the one used), steps_per_epoch, and
+    train_corpus (what a resume checks: tokens, sequences, digest). `args` is only read."""
     try:
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
     except ValueError:
@@ -42,11 +51,10 @@ def load_inputs(args, config, master, teacher, kind):
     tokenizer = load_tokenizer(source, args.teacher or args.student, args.tokenizer, masked_lm=kind is None,
                                words=kind == "token_classification")
     max_len = usable_positions(source)
-    if args.seq_len is None:  # 128, or the teacher's positions if fewer (config keeps None: what was asked)
-        args.seq_len = min(128, max_len)
-    config["seq_len_used"] = args.seq_len
-    if args.seq_len > max_len:
-        raise DataError(f"--seq-len {args.seq_len} is longer than the teacher's {max_len} positions; "
+    # 128, or the teacher's positions if fewer (args.seq_len stays None: a resume compares what was asked)
+    seq_len = args.seq_len if args.seq_len is not None else min(128, max_len)
+    if seq_len > max_len:
+        raise DataError(f"--seq-len {seq_len} is longer than the teacher's {max_len} positions; "
                         f"use --seq-len {max_len} or less")
     if student is not None:
         if teacher is not None:
@@ -66,9 +74,9 @@ def load_inputs(args, config, master, teacher, kind):
         if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
             raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
         layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
-        cfg = DistilConfig(args.temperature, args.alpha_kd, args.alpha_mlm, args.alpha_cos, args.alpha_mse,
-                           args.kd_on, args.alpha_hidden, args.hidden_loss, args.alpha_attn, args.attn_loss,
-                           args.alpha_relation, args.relation_heads, layer_map, args.alpha_label)
+        # every field of the recipe is the flag of the same name
+        cfg = DistilConfig(**{f.name: getattr(args, f.name) for f in fields(DistilConfig) if f.name != "layer_map"},
+                           layer_map=layer_map)
         if cfg.needs_attention():
             check_capture(teacher)
     except ValueError as e:
@@ -82,7 +90,7 @@ def load_inputs(args, config, master, teacher, kind):
         raise DataError("--label-map maps a task's labels; a masked-LM run has none: drop it")
     if kind is not None:
         label_map = parse_label_map(getattr(args, "label_map", None), id2label)
-        read = lambda path: load_examples(path, tokenizer, kind, id2label, args.seq_len, args.cache_dir,
+        read = lambda path: load_examples(path, tokenizer, kind, id2label, seq_len, args.cache_dir,
                                           args.text_column, args.label_column, args.text_pair_column, label_map)
         if args.valid:
             check_metrics(kind, id2label)
@@ -102,30 +110,32 @@ def load_inputs(args, config, master, teacher, kind):
         read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                                         progress=master and args.progress)
         corpus = read(args.train)
-        train_data = make_sequences(corpus, args.seq_len, args.pack)
+        train_data = make_sequences(corpus, seq_len, args.pack)
         valid_corpus = read(args.valid) if args.valid else None
-        valid_data = make_sequences(valid_corpus, args.seq_len, args.pack) if args.valid else None
+        valid_data = make_sequences(valid_corpus, seq_len, args.pack) if args.valid else None
         for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
             if note and master:  # what reading skipped (empty or null texts) is said, never silent
                 print(note)
         spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
         n_sequences = len(train_data.starts)
-        config["train_corpus"] = {"tokens": len(corpus.tokens), "sequences": n_sequences,
-                                  "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+        train_corpus = {"tokens": len(corpus.tokens), "sequences": n_sequences,
+                        "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
     if kind is not None:
-        config["train_corpus"] = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
-                                  "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
+        train_corpus = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
+                        "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
-    steps_per_epoch = n_sequences // config["global_batch"]
+    steps_per_epoch = n_sequences // global_batch
     if steps_per_epoch < 1:
-        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {args.seq_len}: too few "
-                        f"for one step of {config['global_batch']}; lower --batch-size "
+        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {seq_len}: too few "
+                        f"for one step of {global_batch}; lower --batch-size "
                         "or --grad-accum, or pass a longer corpus")
-    left_out = n_sequences - steps_per_epoch * config["global_batch"]
+    left_out = n_sequences - steps_per_epoch * global_batch
     if kind is not None and left_out and master and (args.max_steps is None or args.max_steps >= steps_per_epoch):
-        print(epoch_remainder_note(args.train, n_sequences, steps_per_epoch, config["global_batch"], args.batch_size))
-    return tokenizer, layers, cfg, student, train_data, valid_data, spec, steps_per_epoch
+        print(epoch_remainder_note(args.train, n_sequences, steps_per_epoch, global_batch, args.batch_size))
+    return SimpleNamespace(tokenizer=tokenizer, layers=layers, cfg=cfg, student=student, train_data=train_data,
+                           valid_data=valid_data, spec=spec, seq_len=seq_len, steps_per_epoch=steps_per_epoch,
+                           train_corpus=train_corpus)
 
 
 def epoch_remainder_note(path, n_records, steps_per_epoch, global_batch, batch_size):

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import DataError, _plain_backend, dataset_fingerprint, epoch_batches, is_dataset, open_dataset, read_records
-from distil import KINDS, task_rows
+from data import epoch_batches
+from token_cache import DataError, dataset_fingerprint, is_dataset, open_dataset, plain_backend, read_records
+from distil import at_rows, layer_terms, prepare_layer_losses, unwrap, weighted
+from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, mse_loss, multi_label_kd_loss, regression_loss
 
+# KINDS: what the task head predicts, as transformers' problem_type names it, and token classification.
+KINDS = ("single_label_classification", "multi_label_classification", "regression", "token_classification")
 CACHE_VERSION = 2  # 2: ClassLabel names, --label-map, multi-hot vectors, pairs without a second text
-PRIMARY = {"single_label_classification": "accuracy", "multi_label_classification": "micro_f1",
-           "regression": "pearson", "token_classification": "entity_f1"}  # the score a run is judged by
 
 
 @dataclass
@@ -305,71 +307,6 @@ def match_class_names(class_names, id2label, path, label_column):
                     "--label-map DATA:TEACHER pairs (names or ids), or a teacher trained on these labels")
 
 
-def label_order(kind, predictions, labels, n_labels, min_labels=20):
-    """Whether labels given as ids look numbered in another order than the teacher's: the teacher's
-    decisions ({id: logits}) agree with the labels ({id: label ids}) far below chance, while one
-    permutation of the ids makes them agree on most. Returns None, or (agreement, chance, the
-    permutation as {data id: teacher id}, the agreement under it). Single-label and token
-    classification only; needs at least `min_labels` labels (words, for tokens)."""
-    if kind not in ("single_label_classification", "token_classification"):
-        return None
-    ids = [i for i in sorted(labels) if i in predictions]
-    if not ids:
-        return None
-    true = np.concatenate([np.ravel(labels[i]) for i in ids]).astype(np.int64)
-    pred = np.concatenate([np.ravel(np.asarray(predictions[i]).argmax(-1)) for i in ids]).astype(np.int64)
-    if len(true) < min_labels:
-        return None
-    counts = np.zeros((n_labels, n_labels))  # counts[data id, teacher's decision]
-    np.add.at(counts, (true, pred), 1)
-    total = counts.sum()
-    agreement = np.trace(counts) / total
-    chance = float((counts.sum(1) / total) @ (counts.sum(0) / total))
-    if n_labels <= 8:  # every permutation (8! = 40320 sums)
-        import itertools
-        best = max(itertools.permutations(range(n_labels)), key=lambda p: counts[range(n_labels), p].sum())
-    else:  # greedy: the largest remaining cell first
-        best, free_rows, free_cols, work = [None] * n_labels, set(range(n_labels)), set(range(n_labels)), counts.copy()
-        while free_rows:
-            d, t = np.unravel_index(np.argmax(work), work.shape)
-            best[d] = t
-            free_rows.discard(d), free_cols.discard(t)
-            work[d, :], work[:, t] = -1, -1
-        best = tuple(int(t) for t in best)
-    permuted = counts[range(n_labels), best].sum() / total
-    if agreement < chance / 2 and permuted >= 0.5 and permuted >= agreement + 0.3 and best != tuple(range(n_labels)):
-        return float(agreement), chance, {d: int(t) for d, t in enumerate(best)}, float(permuted)
-    return None
-
-
-def label_order_sample(model, examples, path, pad_id, device, autocast, batch_size, limit=512):
-    """label_order_warning for the first `limit` labelled examples of a file whose labels were given as
-    bare ids, from `model`'s (the teacher's) predictions: one forward over a few hundred records, once
-    before training. None when the labels had names, or nothing looks wrong."""
-    if not examples.meta.get("labels_as_ids") or examples.kind not in ("single_label_classification",
-                                                                      "token_classification"):
-        return None
-    labels = gold(examples)
-    ids = np.array(sorted(labels)[:limit], dtype=np.int64)
-    batches = (task_batch(examples, ids[i:i + batch_size], pad_id) for i in range(0, len(ids), batch_size))
-    predictions = predict(model, batches, device, autocast)
-    return label_order_warning(examples.kind, predictions, {int(i): labels[int(i)] for i in ids},
-                               {int(i): str(n) for i, n in model.config.id2label.items()}, path)
-
-
-def label_order_warning(kind, predictions, labels, id2label, path):
-    """label_order's finding as one line naming the --label-map that applies the permutation, or None."""
-    found = label_order(kind, predictions, labels, len(id2label))
-    if found is None:
-        return None
-    agreement, chance, permutation, permuted = found
-    spec = ",".join(f"{d}:{t}" for d, t in permutation.items())
-    return (f"warning: {path}: the teacher agrees with {100 * agreement:.0f}% of the labels (chance: "
-            f"{100 * chance:.0f}%) but with {100 * permuted:.0f}% once the data's ids are read as --label-map "
-            f"{spec}: the data likely numbers its labels in another order than the teacher's "
-            f"({', '.join(f'{i} {n}' for i, n in list(id2label.items())[:6])}); if so, rerun with --label-map {spec}")
-
-
 def labels_from_data(path, kind, label_column, text_column, names=None):
     """id2label for fine-tuning without a task teacher: `names` (--labels) in that order if given,
     else a dataset's ClassLabel names, else the sorted label values found in the data (whole
@@ -425,7 +362,7 @@ def _cache_key(path, tokenizer, options):
             h.update(f.read())  # labelled sets are small: hash the whole file
         h.update(json.dumps([os.path.abspath(path), stat.st_size]).encode())
     h.update(json.dumps([CACHE_VERSION, options]).encode())
-    h.update(_plain_backend(tokenizer).to_str().encode())
+    h.update(plain_backend(tokenizer).to_str().encode())
     return h.hexdigest()[:20]
 
 
@@ -633,6 +570,38 @@ def check_labelled(examples, path, flag, alpha_label=None):
 # 3. Batches
 # ---------------------------------------------------------------------------------------------
 
+def task_rows(attention_mask, labels, kind, word_mask=None):
+    """Where a task's losses read, decided on the host from numpy arrays in transformers' layouts:
+
+        labels: (B,) int64, -100 = no label         single_label_classification
+                (B, C) or (B,) float, NaN = no label multi_label_classification (1.0/0.0), regression
+                (B, L) int64, -100 = no label        token_classification
+        word_mask: (B, L) bool, token_classification only: the positions predicted (each word's
+                   first sub-token), labelled or not; default: where labels != -100
+
+    Returns numpy int64 indices: real_rows (flat into B * L, the layer losses), kd_rows (the
+    teacher's soft targets: every sequence, or every predicted token, flat), label_rows (those
+    with a label) and row_labels (the labels there: int64, or float32 (n, C)), and `padded`.
+    """
+    attention_mask = np.asarray(attention_mask)
+    real = np.flatnonzero(attention_mask.reshape(-1))
+    rows = {"real_rows": real, "padded": len(real) < attention_mask.size}
+    labels = np.asarray(labels)
+    if kind == "token_classification":
+        word_mask = labels != -100 if word_mask is None else np.asarray(word_mask, dtype=bool)
+        flat = labels.reshape(-1)
+        labelled = np.flatnonzero(flat != -100)
+        return {**rows, "kd_rows": np.flatnonzero(word_mask.reshape(-1)), "label_rows": labelled,
+                "row_labels": flat[labelled].astype(np.int64)}
+    rows["kd_rows"] = np.arange(len(labels), dtype=np.int64)
+    if kind == "single_label_classification":
+        labelled = np.flatnonzero(labels != -100)
+        return {**rows, "label_rows": labelled, "row_labels": labels[labelled].astype(np.int64)}
+    values = labels.reshape(len(labels), -1).astype(np.float32)
+    labelled = np.flatnonzero(~np.isnan(values).any(axis=1))
+    return {**rows, "label_rows": labelled, "row_labels": values[labelled]}
+
+
 def task_batch(examples, indices, pad_id):
     """Examples `indices` as a batch of numpy arrays, padded to the longest: input_ids,
     attention_mask (and token_type_ids for text pairs), the labels in transformers' layout, and
@@ -693,149 +662,79 @@ def valid_task_batches(examples, pad_id, batch_size, rank=0, world_size=1):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Predictions and scores
+# 4. The task step
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def predict(model, batches, device, autocast):
-    """{example id: the model's float32 logits (C,), or (words, C) for token classification}."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    try:
-        for batch in batches:
-            inputs = {k: torch.as_tensor(batch[k], device=device) for k in ("input_ids", "attention_mask",
-                                                                              "token_type_ids") if k in batch}
-            with autocast():
-                logits = model(**inputs).logits.float().cpu().numpy()
-            for row, i in enumerate(batch["example_ids"]):
-                if logits.ndim == 3:  # token classification: the rows of the words' first sub-tokens
-                    out[int(i)] = logits[row][np.asarray(batch["word_mask"][row], dtype=bool)]
-                else:
-                    out[int(i)] = logits[row]
-    finally:
-        model.train(was_training)
-    return out
+def count_task_rows(batch, cfg):
+    """How many rows each task loss reads in `batch` (host ints): the denominators' parts."""
+    return {"kd": len(batch["kd_rows"]), "label": len(batch["label_rows"]), "cos": len(batch["real_rows"])}
 
 
-def gold(examples):
-    """{example id: its label (id, float vector, or word label ids)} for the labelled examples."""
-    out = {}
-    for i in range(len(examples.starts)):
-        if examples.kind == "token_classification":
-            span = slice(examples.starts[i], examples.starts[i] + examples.lengths[i])
-            tags = examples.token_labels[span][examples.word_mask[span]]
-            if (tags != -100).all() and len(tags):
-                out[i] = tags
-        elif examples.kind == "single_label_classification":
-            if examples.labels[i] != -100:
-                out[i] = examples.labels[i]
-        elif not np.isnan(examples.labels[i]).any():
-            out[i] = examples.labels[i]
-    return out
+def task_step(student, teacher, batch, cfg, kind, denominators=None):
+    """Losses of one (micro-)batch of a task. Returns (weighted total, {term name: detached value}).
 
+        loss = alpha_kd * KD + alpha_label * LABEL + alpha_mse * MSE + the layer losses (layer_terms)
 
-def decide(kind, logits):
-    """What a model predicts from its logits: argmax ids, 0/1 per label (sigmoid > 0.5), or the values."""
-    if kind == "multi_label_classification":
-        return (logits > 0).astype(np.int64)
-    if kind == "regression":
-        return logits
-    return logits.argmax(-1)
-
-
-def format_score(kind, value):
-    """A score as the tables print it: in % with two decimals, or, for a regression (whose scores and
-    agreement are correlations), as the correlation with four."""
-    return f"{value:.4f}" if kind == "regression" else f"{100 * value:.2f}"
-
-
-def _f1(true_pos, false_pos, false_neg):
-    return 2 * true_pos / max(1, 2 * true_pos + false_pos + false_neg)
-
-
-def _ranks(x):
-    """Ranks 1..n of x, ties given their mean rank (Spearman's convention, as scipy's rankdata)."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    values, inverse = np.unique(x, return_inverse=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / np.bincount(inverse))[inverse]
-
-
-def _pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
-
-
-def task_metrics(kind, predictions, labels, id2label, teacher_predictions=None):
-    """Scores of `predictions` ({id: logits}) against `labels` ({id: label}, labelled examples only):
-
-        single-label: accuracy and macro-F1 (the mean over the labels that occur of each label's F1)
-        multi-label:  micro-F1 over every (example, label) decision, and exact-match accuracy
-        regression:   Pearson and Spearman correlations (the mean over outputs)
-        token:        word accuracy and, when the labels are IOB tags (B-X, I-X, O), entity-level F1
-                      (seqeval's, as CoNLL's conlleval scores: an entity counts when its span and
-                      type are both right)
-
-    With the teacher's predictions, `agreement`: the fraction of decisions where the two agree
-    (regression: the Pearson correlation of their predictions). Small formulas are written here
-    (numpy only); entity F1 comes from seqeval, imported only for token classification.
+    KD: the teacher's softened predictions, one row per sequence (per predicted word for token
+    classification): kd_loss (T^2 KL) for single-label and token classification, multi_label_kd_loss
+    for multi-label, regression_loss to the teacher's prediction for regression. LABEL: the gold
+    labels where a row has one: cross-entropy, binary cross-entropy (multi-label) or squared error
+    (regression). Rows without a label still learn from the teacher (KD). MSE: squared error of the
+    logits (alpha_mse). `kind` is one of KINDS; student and teacher are models of that task (the
+    teacher may be None when no loss reads it). `batch` holds input_ids and attention_mask (B, L)
+    (and token_type_ids for text pairs, when the model has them) and task_rows' index tensors, on
+    the models' device; `denominators` maps "kd", "label", "cos" to row counts (None: this batch's).
     """
-    ids = sorted(labels)
-    metrics = {"examples": len(ids)}
-    if ids:
-        pred = [decide(kind, predictions[i]) for i in ids]
-        true = [labels[i] for i in ids]
-        if kind == "single_label_classification":
-            pred, true = np.array(pred), np.array(true)
-            metrics["accuracy"] = float((pred == true).mean())
-            # over the labels that occur (gold or predicted), as sklearn's f1_score(average="macro"): a label
-            # absent from this set would add an F1 of 0 and cap the score below 1 however good the model
-            metrics["macro_f1"] = float(np.mean([_f1(((pred == c) & (true == c)).sum(), ((pred == c) & (true != c)).sum(),
-                                                     ((pred != c) & (true == c)).sum()) for c in np.union1d(pred, true)]))
-        elif kind == "multi_label_classification":
-            pred, true = np.stack(pred), np.stack(true).astype(np.int64)
-            metrics["micro_f1"] = float(_f1(((pred == 1) & (true == 1)).sum(), ((pred == 1) & (true == 0)).sum(),
-                                            ((pred == 0) & (true == 1)).sum()))
-            metrics["exact_match"] = float((pred == true).all(axis=1).mean())
-        elif kind == "regression":
-            pred, true = np.stack(pred).reshape(len(ids), -1), np.stack(true).reshape(len(ids), -1)
-            metrics["pearson"] = float(np.mean([_pearson(pred[:, c], true[:, c]) for c in range(pred.shape[1])]))
-            metrics["spearman"] = float(np.mean([_pearson(_ranks(pred[:, c]), _ranks(true[:, c]))
-                                                 for c in range(pred.shape[1])]))
-        else:
-            flat_p, flat_t = np.concatenate(pred), np.concatenate(true)
-            metrics["accuracy"] = float((flat_p == flat_t).mean())
-            names = [str(id2label[i]) for i in sorted(id2label)]
-            if all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
-                metrics["entity_f1"] = entity_f1([[names[t] for t in x] for x in true],
-                                                 [[names[p] for p in x] for x in pred])
-    if teacher_predictions is not None:
-        shared = sorted(set(predictions) & set(teacher_predictions))
-        s = [decide(kind, predictions[i]) for i in shared]
-        t = [decide(kind, teacher_predictions[i]) for i in shared]
+    denominators = denominators or count_task_rows(batch, cfg)
+    attention_mask = batch["attention_mask"] if batch["padded"] else None
+    real_rows = batch["real_rows"] if batch["padded"] else None
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_mask,
+              "output_hidden_states": cfg.needs_hidden_states()}
+    if "token_type_ids" in batch:  # the segment of each token of a text pair (BERT-style models)
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    prepare_layer_losses(student, teacher, cfg)
+    # token classification's logits are (B, L, C): the rows are the predicted tokens' flat positions
+    at = at_rows if kind == "token_classification" else (lambda logits, rows: logits.index_select(0, rows))
+    teacher_out = None
+    if cfg.needs_teacher():
+        with torch.no_grad():
+            teacher_out = teacher(**inputs)
+    student_out = student(**inputs)
+    student_logits = student_out.logits
+    terms = {}
+    if cfg.needs_teacher_logits():
+        s, t = at(student_logits, batch["kd_rows"]), at(teacher_out.logits, batch["kd_rows"])
+        if cfg.alpha_kd > 0:
+            if kind == "regression":
+                terms["kd"] = regression_loss(s, t, denominators["kd"])
+            elif kind == "multi_label_classification":
+                terms["kd"] = multi_label_kd_loss(s, t, cfg.temperature, denominators["kd"])
+            else:
+                terms["kd"] = kd_loss(s, t, cfg.temperature, denominators["kd"])
+        if cfg.alpha_mse > 0:
+            terms["mse"] = mse_loss(s, t, denominators["kd"])
+    if cfg.alpha_label > 0:
+        s, y = at(student_logits, batch["label_rows"]), batch["row_labels"]
         if kind == "regression":
-            metrics["agreement"] = _pearson(np.concatenate(s).ravel(), np.concatenate(t).ravel()) if shared else 0.0
+            terms["label"] = regression_loss(s, y, denominators["label"])
+        elif kind == "multi_label_classification":
+            terms["label"] = binary_cross_entropy_loss(s, y, denominators["label"])
         else:
-            s = np.concatenate([np.ravel(x) for x in s]) if shared else np.zeros(0)
-            t = np.concatenate([np.ravel(x) for x in t]) if shared else np.zeros(0)
-            metrics["agreement"] = float((s == t).mean()) if len(s) else 0.0
-    return metrics
+            terms["label"] = cross_entropy_loss(s, y, denominators["label"])
+    teacher_hidden = teacher_out.hidden_states if teacher_out is not None else None
+    terms.update(layer_terms(student, teacher, student_out.hidden_states, teacher_hidden, attention_mask,
+                             real_rows, denominators["cos"], cfg))
+    return weighted(terms, cfg)
 
 
-def check_metrics(kind, id2label):
-    """Fail before training, not at the first evaluation, when a metric's package is missing."""
-    names = [str(id2label[i]) for i in sorted(id2label)]
-    if kind == "token_classification" and all(n == "O" or n[:2] in ("B-", "I-", "E-", "S-") for n in names):
-        entity_f1([["B-X"]], [["B-X"]])  # one entity: seqeval warns that the F1 of none is undefined
-
-
-def entity_f1(true_tags, predicted_tags):
-    """Entity-level F1 of IOB-tagged sentences (lists of tag names), by seqeval (pip install seqeval)."""
-    try:
-        from seqeval.metrics import f1_score
-    except ImportError:
-        raise DataError("entity-level F1 of token classification needs seqeval: pip install seqeval") from None
-    return float(f1_score(true_tags, predicted_tags))
+def task_probe_batch(student, kind, length=8):
+    """A short batch of one sequence, every token predicted and labelled, on the student's device:
+    what a task step reads everywhere (distil.freeze_unreached's probe)."""
+    device = next(student.parameters()).device
+    input_ids = (torch.arange(length, device=device) % unwrap(student).get_input_embeddings().num_embeddings)[None]
+    n_labels = unwrap(student).config.num_labels
+    labels = {"single_label_classification": np.zeros(1, dtype=np.int64),
+              "token_classification": np.zeros((1, length), dtype=np.int64)}.get(kind, np.zeros((1, n_labels)))
+    rows = {k: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
+            for k, v in task_rows(np.ones((1, length)), labels, kind).items()}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **rows}

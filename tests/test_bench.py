@@ -1,7 +1,6 @@
 """bench.py's --overhead and --train run (on the CPU, at tiny sizes) and print what they promise; the
 peak table tells the H100 variants apart. Timings are printed, never asserted."""
 
-import os
 import re
 import subprocess
 import sys

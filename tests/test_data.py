@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, BertTokenizer
 
-import data
+import token_cache
 from conftest import WORDS, write_bert_vocab, write_corpus
-from data import (DataError, collate, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec,
-                  mask_tokens)
+from data import collate, epoch_batches, make_batch, make_sequences, mask_spec, mask_tokens
+from token_cache import DataError, load_corpus
 
 
 @pytest.fixture(scope="module")
@@ -153,24 +153,24 @@ def test_token_counts_in_chunks_equal_one_bincount_and_are_counted_once(dtype, t
     ids = rng.integers(0, 1000 if dtype == np.uint16 else 70000, size=1000).astype(dtype)
     key = str(tmp_path / "corpus.txt.0123")
     ids.tofile(key + ".tokens")
-    corpus = data.Corpus(np.memmap(key + ".tokens", dtype=dtype, mode="r", shape=(len(ids),)),
+    corpus = token_cache.Corpus(np.memmap(key + ".tokens", dtype=dtype, mode="r", shape=(len(ids),)),
                          np.array([0, len(ids)]), "corpus.txt", cache_key=key)
-    monkeypatch.setattr(data, "CHUNK_TOKENS", 64)
+    monkeypatch.setattr(token_cache, "CHUNK_TOKENS", 64)
     expected = np.bincount(ids.astype(np.int64), minlength=80000)
-    assert np.array_equal(data.token_counts(corpus, minlength=80000), expected)
+    assert np.array_equal(token_cache.token_counts(corpus, minlength=80000), expected)
     stat = os.stat(key + ".counts.npy")
     assert not os.path.exists(key + ".counts.npy.tmp")
 
     def no_counting(corpus):
         raise AssertionError("the corpus was counted again")
-    monkeypatch.setattr(data, "_count", no_counting)
-    assert np.array_equal(data.token_counts(corpus, minlength=80000), expected)
+    monkeypatch.setattr(token_cache, "_count", no_counting)
+    assert np.array_equal(token_cache.token_counts(corpus, minlength=80000), expected)
     assert (os.stat(key + ".counts.npy").st_mtime_ns, os.stat(key + ".counts.npy").st_ino) == \
         (stat.st_mtime_ns, stat.st_ino)
     monkeypatch.undo()
-    monkeypatch.setattr(data, "CHUNK_TOKENS", 64)
-    in_memory = data.Corpus(ids, corpus.doc_starts, "corpus.txt")  # not from a cache: counted, nothing kept
-    assert np.array_equal(data.token_counts(in_memory, minlength=80000), expected)
+    monkeypatch.setattr(token_cache, "CHUNK_TOKENS", 64)
+    in_memory = token_cache.Corpus(ids, corpus.doc_starts, "corpus.txt")  # not from a cache: counted, nothing kept
+    assert np.array_equal(token_cache.token_counts(in_memory, minlength=80000), expected)
 
 
 def test_corpus_digest_follows_the_tokens_not_the_file(tokenizer, tmp_path):
@@ -182,10 +182,10 @@ def test_corpus_digest_follows_the_tokens_not_the_file(tokenizer, tmp_path):
     cache = str(tmp_path / "cache")
     corpus_a, corpus_b = (load_corpus(p, tokenizer, cache, progress=False) for p in (a, b))
     assert corpus_a.cache_key != corpus_b.cache_key
-    assert data.corpus_digest(corpus_a) == data.corpus_digest(corpus_b) == open(corpus_a.cache_key + ".sha256").read()
+    assert token_cache.corpus_digest(corpus_a) == token_cache.corpus_digest(corpus_b) == open(corpus_a.cache_key + ".sha256").read()
     with open(b, "w") as f:
         f.write(open(a).read().replace("cat", "dog", 1))
-    assert data.corpus_digest(load_corpus(b, tokenizer, cache, progress=False)) != data.corpus_digest(corpus_a)
+    assert token_cache.corpus_digest(load_corpus(b, tokenizer, cache, progress=False)) != token_cache.corpus_digest(corpus_a)
 
 
 # ---- the cache -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_cache_is_reused(tokenizer, tmp_path, monkeypatch):
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the corpus was tokenized again")
-    monkeypatch.setattr(data, "_build_cache", no_tokenizing)
+    monkeypatch.setattr(token_cache, "_build_cache", no_tokenizing)
     second = load_corpus(path, tokenizer, cache, progress=False)
     assert cache_state(cache) == state
     assert np.array_equal(first.tokens, second.tokens) and np.array_equal(first.doc_starts, second.doc_starts)
@@ -406,14 +406,14 @@ def test_csv_quoted_line_breaks_are_one_document_and_counted(tokenizer, tmp_path
     path = rows_csv(tmp_path / "c.csv", ['0,"the cat sat.\n\nthe dog ran."', '1,"the old man said ""hi"""',
                                          '2,he said "hi" to a bird', "3,", '4,"a mat\non\nthe\nmat"', "5,  "])
     counts = {}
-    texts = [text for text, _ in data.read_documents(path, counts=counts)]
+    texts = [text for text, _ in token_cache.read_documents(path, counts=counts)]
     assert texts == ["the cat sat.\n\nthe dog ran.", 'the old man said "hi"', 'he said "hi" to a bird',
                      "a mat\non\nthe\nmat"]
     assert counts == {"skipped": 2, "multiline": 2, "longest": (8, 11)}
     corpus = load_corpus(path, tokenizer, str(tmp_path / "cache"), progress=False)
     assert len(corpus.doc_starts) == 5
     assert (corpus.meta["n_docs_skipped"], corpus.meta["n_records_multiline"]) == (2, 2)
-    assert data.corpus_note(corpus) == ("c.csv: 4 documents kept; 2 empty or null texts skipped; 2 records span "
+    assert token_cache.corpus_note(corpus) == ("c.csv: 4 documents kept; 2 empty or null texts skipped; 2 records span "
                                         "several lines (quoted line breaks; the longest: lines 8-11)")
 
 
@@ -425,10 +425,10 @@ def test_jsonl_null_and_empty_texts_are_skipped_and_counted(tokenizer, tmp_path)
     corpus = load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)
     assert corpus.tokens.tolist() == expected_tokens(tokenizer, ["the cat sat", "the dog ran"])
     assert corpus.meta["n_docs_skipped"] == 3
-    assert data.corpus_note(corpus) == "c.jsonl: 2 documents kept; 3 empty or null texts skipped"
+    assert token_cache.corpus_note(corpus) == "c.jsonl: 2 documents kept; 3 empty or null texts skipped"
     # a clean file has nothing to say
     path.write_text(json.dumps({"text": "the cat sat"}) + "\n")
-    assert data.corpus_note(load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)) is None
+    assert token_cache.corpus_note(load_corpus(str(path), tokenizer, str(tmp_path / "cache"), progress=False)) is None
     # only nulls: no text at all, and the message says why
     path.write_text('{"text": null}\n{"text": ""}\n')
     assert "holds no text (only blank lines or empty fields (2 empty or null texts))" in \

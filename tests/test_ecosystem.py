@@ -21,7 +21,7 @@ import logs
 import modelcard
 from tools import plot
 import train
-from data import DataError, load_corpus
+from token_cache import DataError, load_corpus
 
 
 def read_jsonl(path):

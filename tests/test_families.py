@@ -27,16 +27,16 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (AlbertConfig, AlbertForMaskedLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig,
                           BertForMaskedLM, BertTokenizer, CamembertConfig, CamembertForMaskedLM, CamembertTokenizer,
-                          DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer,
-                          DistilBertConfig, DistilBertForMaskedLM, ElectraConfig, ElectraForMaskedLM,
-                          ElectraForPreTraining, ModernBertConfig, ModernBertForMaskedLM, MPNetConfig,
-                          MPNetForMaskedLM, MPNetTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaTokenizer,
-                          XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaTokenizer)
+                          DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model, DebertaV2Tokenizer, DistilBertConfig,
+                          DistilBertForMaskedLM, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining,
+                          MPNetConfig, MPNetForMaskedLM, MPNetTokenizer, ModernBertConfig, ModernBertForMaskedLM,
+                          RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, XLMRobertaConfig,
+                          XLMRobertaForMaskedLM, XLMRobertaTokenizer)
 
 import train
-from data import DataError, collate, load_corpus, make_batch, make_sequences, mask_spec, read_documents
+from data import collate, make_batch, make_sequences, mask_spec, to_device
+from token_cache import DataError, load_corpus, read_documents
 from distil import DistilConfig, distil_step
-from heldout import to_device
 from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_narrow_student, make_student,
                      save_student, usable_positions)
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, Bert
 import train
 from checkpoint import CheckpointError
 from conftest import WORDS, write_bert_vocab, write_corpus
-from data import DataError
+from token_cache import DataError
 from student import StudentError
 from test_resume import checkpoints, flags, metrics, ok, run, train_records, weights, wrapper
 

@@ -180,13 +180,13 @@ def test_label_order_is_quiet_for_a_teacher_that_is_merely_poor():
     rng = np.random.default_rng(0)
     labels = {i: int(rng.integers(0, 3)) for i in range(200)}
     noise = {i: rng.normal(size=3) for i in labels}  # a teacher that knows nothing: about chance
-    assert tasks.label_order(SINGLE, noise, labels, 3) is None
+    assert heldout.label_order(SINGLE, noise, labels, 3) is None
     right = {i: np.eye(3)[y] for i, y in labels.items()}
-    assert tasks.label_order(SINGLE, right, labels, 3) is None
+    assert heldout.label_order(SINGLE, right, labels, 3) is None
     swapped = {i: np.eye(3)[(y + 1) % 3] for i, y in labels.items()}
-    agreement, chance, permutation, permuted = tasks.label_order(SINGLE, swapped, labels, 3)
+    agreement, chance, permutation, permuted = heldout.label_order(SINGLE, swapped, labels, 3)
     assert agreement == 0 and permutation == {0: 1, 1: 2, 2: 0} and permuted == 1.0
-    assert tasks.label_order(SINGLE, dict(list(swapped.items())[:5]), labels, 3) is None  # too few to say
+    assert heldout.label_order(SINGLE, dict(list(swapped.items())[:5]), labels, 3) is None  # too few to say
 
 
 @pytest.mark.parametrize("text,message", [("0:2,0:1", "mapped twice"), ("0:2,1:2", "one to one"),
@@ -317,8 +317,8 @@ def test_a_roberta_tagger_fine_tuned_with_prefix_spaces_is_read_as_it_was_traine
         trainer_tokenizer(["the", "cat"], is_split_into_words=True)["input_ids"]
     path = write_jsonl(tmp_path / "ner.jsonl", records)
     ex = load(path, tokenizer, tmp_path, TOKEN, dict(enumerate(TAGS)), "tokens", "ner_tags")
-    predictions = tasks.predict(teacher, tasks.valid_task_batches(ex, tokenizer.pad_token_id, 16), "cpu", nullcontext)
-    scores = tasks.task_metrics(TOKEN, predictions, tasks.gold(ex), dict(enumerate(TAGS)))
+    predictions = heldout.predict(teacher, tasks.valid_task_batches(ex, tokenizer.pad_token_id, 16), "cpu", nullcontext)
+    scores = heldout.task_metrics(TOKEN, predictions, heldout.gold(ex), dict(enumerate(TAGS)))
     assert scores["accuracy"] > 0.95 and scores["entity_f1"] > 0.9, scores  # read without: 0.93 and 0.0
 
 
@@ -369,7 +369,7 @@ def test_words_that_tokenize_to_nothing_are_not_called_cut(tmp_path):
     note = tasks.examples_note(ex, path)
     assert "3 words that tokenize to nothing" in note and "past the cut" not in note
     # no label moves to a neighbour: the words that have tokens keep their own tags, in order
-    assert tasks.gold(ex)[0].tolist() == [TAGS.index(t) for w, t in zip(words, tags) if tokenizer.tokenize(w)]
+    assert heldout.gold(ex)[0].tolist() == [TAGS.index(t) for w, t in zip(words, tags) if tokenizer.tokenize(w)]
     cut = load(path, tokenizer, tmp_path, TOKEN, dict(enumerate(TAGS)), "tokens", "ner_tags", seq_len=4)
     assert cut.meta["words_lost"] == 2 and cut.meta["words_empty"] == 3  # the cut itself still counted as such
 

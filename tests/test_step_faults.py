@@ -20,9 +20,9 @@ import torch
 
 import train
 from conftest import write_corpus
-from data import make_batch, make_sequences, mask_spec, load_corpus
+from data import make_batch, make_sequences, mask_spec, to_device
+from token_cache import load_corpus
 from distil import DistilConfig, default_layer_map, distil_step, with_rows
-from heldout import to_device
 from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss,
                     relation_loss)
 from student import load_teacher, load_tokenizer, make_student
@@ -174,8 +174,8 @@ def test_a_non_finite_loss_never_updates_and_is_counted(tiny_teacher, tiny_corpu
 
     def nan_at_step_3(model, teacher, batch, cfg, denominators=None):
         loss, terms = real_step(model, teacher, batch, cfg, denominators)
-        calls[0] += 1
-        return (loss * float("nan") if calls[0] == 3 else loss), terms
+        calls[0] += 1  # call 1 is train.py's probe (distil.freeze_unreached): call n + 1 is step n
+        return (loss * float("nan") if calls[0] == 4 else loss), terms
 
     real_adamw = torch.optim.AdamW.step
 

@@ -19,11 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import heldout
 import tasks
 import train
 from conftest import WORDS, make_bert_teacher, write_bert_vocab
-from data import DataError
-from distil import DistilConfig, task_rows, task_step
+from token_cache import DataError
+from distil import DistilConfig
+from tasks import task_rows, task_step
 from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, multi_label_kd_loss, regression_loss
 from student import StudentError
 
@@ -347,7 +349,7 @@ def test_load_examples_puts_word_labels_on_first_sub_tokens(tmp_path):
     assert ex.word_mask[second].tolist() == [False, True, True, False]
     assert (ex.token_labels[second] == -100).all()
     assert ex.meta["records"] == 2 and ex.meta["labelled"] == 1
-    assert list(tasks.gold(ex)) == [0]
+    assert list(heldout.gold(ex)) == [0]
 
 
 def test_task_step_token_classification_reads_first_sub_tokens(tmp_path):
@@ -503,13 +505,13 @@ def test_single_label_metrics_match_sklearn():
     logits = rng.normal(size=(40, 3))
     true = rng.integers(0, 3, 40)
     pred = logits.argmax(-1)
-    m = tasks.task_metrics(SINGLE, dict(enumerate(logits)), dict(enumerate(true)), {0: "a", 1: "b", 2: "c"})
+    m = heldout.task_metrics(SINGLE, dict(enumerate(logits)), dict(enumerate(true)), {0: "a", 1: "b", 2: "c"})
     assert m["examples"] == 40
     assert m["accuracy"] == pytest.approx(accuracy_score(true, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(true, pred, average="macro"))
     # a label the teacher knows but that neither the gold labels nor the predictions hold
     four = {0: "a", 1: "b", 2: "c", 3: "d"}
-    m = tasks.task_metrics(SINGLE, dict(enumerate(logits)), dict(enumerate(true)), four)
+    m = heldout.task_metrics(SINGLE, dict(enumerate(logits)), dict(enumerate(true)), four)
     assert m["macro_f1"] == pytest.approx(f1_score(true, pred, average="macro"))
 
 
@@ -518,7 +520,7 @@ def test_multi_label_metrics_match_sklearn():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(30, 4))
     true = (rng.random((30, 4)) > 0.6).astype(np.float32)
-    m = tasks.task_metrics(MULTI, dict(enumerate(logits)), dict(enumerate(true)), dict(enumerate("abcd")))
+    m = heldout.task_metrics(MULTI, dict(enumerate(logits)), dict(enumerate(true)), dict(enumerate("abcd")))
     pred = (logits > 0).astype(int)
     assert m["micro_f1"] == pytest.approx(f1_score(true.astype(int), pred, average="micro"))
     assert m["exact_match"] == pytest.approx(accuracy_score(true.astype(int), pred))
@@ -531,7 +533,7 @@ def test_regression_metrics_match_scipy_with_ties(outputs):
     true = np.round(rng.normal(size=(25, outputs)), 0).astype(np.float32)  # rounded: many ties
     pred = np.round(true + rng.normal(size=(25, outputs)), 1).astype(np.float32)
     pred[:5] = pred[0]  # ties in the predictions too
-    m = tasks.task_metrics(REGRESSION, dict(enumerate(pred)), dict(enumerate(true)), {i: f"s{i}" for i in range(outputs)})
+    m = heldout.task_metrics(REGRESSION, dict(enumerate(pred)), dict(enumerate(true)), {i: f"s{i}" for i in range(outputs)})
     assert m["pearson"] == pytest.approx(np.mean([pearsonr(pred[:, c], true[:, c])[0] for c in range(outputs)]), abs=1e-6)
     assert m["spearman"] == pytest.approx(np.mean([spearmanr(pred[:, c], true[:, c])[0] for c in range(outputs)]),
                                           abs=1e-6)
@@ -544,27 +546,27 @@ def test_token_metrics_match_seqeval():
     true = {i: rng.integers(0, 5, rng.integers(2, 9)) for i in range(20)}
     logits = {i: rng.normal(size=(len(t), 5)) + 3 * np.eye(5)[t] * (rng.random((len(t), 1)) > 0.3)
               for i, t in true.items()}
-    m = tasks.task_metrics(TOKEN, logits, true, dict(enumerate(names)))
+    m = heldout.task_metrics(TOKEN, logits, true, dict(enumerate(names)))
     tags = lambda ids: [names[i] for i in ids]
     expected = f1_score([tags(true[i]) for i in range(20)], [tags(logits[i].argmax(-1)) for i in range(20)])
     assert 0 < expected < 1 and m["entity_f1"] == pytest.approx(expected)
     flat_t = np.concatenate(list(true.values()))
     flat_p = np.concatenate([logits[i].argmax(-1) for i in range(20)])
     assert m["accuracy"] == pytest.approx((flat_t == flat_p).mean())
-    assert tasks.entity_f1([["B-PER", "I-PER", "O"]], [["B-PER", "I-PER", "O"]]) == 1.0
-    assert "entity_f1" not in tasks.task_metrics(TOKEN, logits, true, dict(enumerate("abcde")))  # not IOB tags
+    assert heldout.entity_f1([["B-PER", "I-PER", "O"]], [["B-PER", "I-PER", "O"]]) == 1.0
+    assert "entity_f1" not in heldout.task_metrics(TOKEN, logits, true, dict(enumerate("abcde")))  # not IOB tags
 
 
 def test_agreement():
     rng = np.random.default_rng(4)
     s, t = rng.normal(size=(10, 3)), rng.normal(size=(10, 3))
     t[:6] = s[:6] * 2  # same argmax on 6 rows at least
-    m = tasks.task_metrics(SINGLE, dict(enumerate(s)), {}, {0: "a", 1: "b", 2: "c"}, dict(enumerate(t)))
+    m = heldout.task_metrics(SINGLE, dict(enumerate(s)), {}, {0: "a", 1: "b", 2: "c"}, dict(enumerate(t)))
     assert m["agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).mean()) and m["agreement"] >= 0.6
-    m = tasks.task_metrics(MULTI, dict(enumerate(s)), {}, dict(enumerate("abc")), dict(enumerate(t)))
+    m = heldout.task_metrics(MULTI, dict(enumerate(s)), {}, dict(enumerate("abc")), dict(enumerate(t)))
     assert m["agreement"] == pytest.approx(((s > 0) == (t > 0)).mean())
     a, b = rng.normal(size=(10, 1)), rng.normal(size=(10, 1))
-    m = tasks.task_metrics(REGRESSION, dict(enumerate(a)), {}, {0: "s"}, dict(enumerate(b)))
+    m = heldout.task_metrics(REGRESSION, dict(enumerate(a)), {}, {0: "s"}, dict(enumerate(b)))
     assert m["agreement"] == pytest.approx(np.corrcoef(a[:, 0], b[:, 0])[0, 1])
 
 
@@ -883,7 +885,7 @@ def test_token_truncation_keeps_the_words_before_the_cut(tmp_path):
     assert tokenizer.convert_ids_to_tokens(ex.input_ids.tolist()) == ["[CLS]", "the", "cat", "##d", "##o", "[SEP]"]
     assert ex.token_labels.tolist() == [-100, 0, 1, -100, -100, -100]
     assert ex.meta["truncated"] == 1 and ex.meta["words_lost"] == 1
-    assert tasks.gold(ex)[0].tolist() == [0, 1]  # the words kept, as predict returns them
+    assert heldout.gold(ex)[0].tolist() == [0, 1]  # the words kept, as predict returns them
 
 
 def test_saved_datasets_with_class_labels(tokenizer, tmp_path):

@@ -22,7 +22,8 @@ import time
 import torch
 import transformers
 
-from data import default_cache_dir, load_corpus, make_sequences
+from data import make_sequences
+from token_cache import default_cache_dir, load_corpus
 from heldout import masked_lm_sums, perplexity, valid_batches
 from student import load_teacher, load_tokenizer
 

@@ -17,25 +17,26 @@ afterwards. "ours" is distil.distil_step; the "-X" rows are ours with one optimi
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import distil
-from data import Corpus, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
+from data import epoch_batches, make_batch, make_sequences, mask_spec, to_device
+from token_cache import Corpus, load_corpus
 from distil import DistilConfig, count_rows, distil_step
-from heldout import to_device
 from precision import DTYPES, autocast_for, pick_dtype
 from student import load_teacher, make_student
-from train import host_to_device
+from train_step import dropout_seed, forward_backward, global_denominators, optimizer_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the variants run as `python -m tools.bench` from it
 
@@ -179,13 +180,20 @@ def run_variant(args):
     student.to(device)
     if dtype != torch.float32 and variant != "ours-all-teacher-fp32":
         teacher.to(dtype)
-    if variant == "ours-all-teacher-grad":
+    if variant == "ours-all-teacher-grad":  # this teacher's forward records its graph, even inside no_grad
         teacher.requires_grad_(True)
-        distil.torch = type("torch_without_no_grad", (), {"no_grad": nullcontext, "zeros_like": torch.zeros_like})
-    if variant == "ours-all-plainkl":
-        distil.kd_loss = kd_loss_autograd
-    if variant == "ours-masked-fullvocab":
-        distil.forward_at_rows = full_vocab_forward
+        teacher.forward = torch.enable_grad()(teacher.forward)
+    # The variants that swap a piece of distil_step patch it for this process's timed steps only,
+    # by name (unittest.mock restores it on exit), so distil_step's other names stay what they are.
+    swap = {"ours-all-plainkl": ("kd_loss", kd_loss_autograd),
+            "ours-masked-fullvocab": ("forward_at_rows", full_vocab_forward)}.get(variant)
+    with mock.patch.object(distil, *swap) if swap else nullcontext():
+        return time_variant(args, variant, teacher, student, tokenizer, corpus, device, dtype, autocast)
+
+
+def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dtype, autocast):
+    """run_variant's timing: the variant's step (train_step's forward_backward and optimizer_step
+    around it, as train.py calls them) over --warmup then --steps batches, and one JSON line."""
     model = torch.compile(student) if args.compile else student
 
     kd_on = "masked" if "masked" in variant else "all"
@@ -214,15 +222,13 @@ def run_variant(args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, tokens = [], 0
+    names = ["loss"] + list(first_terms)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     for i, batch in enumerate(batches):
         sync()
         start = time.perf_counter()
-        with autocast():
-            loss, _ = step_fn(model, teacher, batch, cfg)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses = forward_backward(model, teacher, [batch], step_fn, cfg, None, names, device, autocast, scaler)
+        optimizer_step(student, optimizer, scaler, losses, 5.0)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -231,11 +237,8 @@ def run_variant(args):
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            with autocast():
-                loss, _ = step_fn(model, teacher, batches[-1], cfg)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses = forward_backward(model, teacher, batches[-1:], step_fn, cfg, None, names, device, autocast, scaler)
+            optimizer_step(student, optimizer, scaler, losses, 5.0)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     seconds = sum(times)
@@ -250,6 +253,7 @@ def run_variant(args):
         if util is not None:
             result.update(mfu=util, peak_tflops=peak_tflops)
     print(json.dumps(result))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,34 +265,17 @@ OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num
 
 
 def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window):
-    """One optimizer step as train.py's loop takes it in one process: the row counts from the host,
-    each micro-batch (from data.make_batch) moved to the device, distilled and backpropagated, unscale
-    and clip, the step's one read-back (loss, gradient norm, stop flag), the step, the log window
-    summed on the device. The same calls in the same order as train.py's loop body (without logging,
-    evaluation and checkpoints): keep the two alike; bench.py --train times the real loop beside
-    this one, so that a difference shows."""
-    counts = [sum(count_rows(b, cfg)[k] for b in micro) for k in ("kd", "mlm", "cos")]
-    denominators = {"kd": counts[0], "mlm": counts[1], "cos": counts[2]}
+    """One optimizer step as train.py's loop takes it in one process, through the same functions
+    (train_step.py): the row counts from the host, each micro-batch moved to the device, distilled
+    and backpropagated, unscale and clip, the step's one read-back, the step, the log window summed
+    on the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
+    denominators, tokens = global_denominators(micro, partial(count_rows, cfg=cfg), device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
-    torch.manual_seed(int(np.random.SeedSequence([0, step, 0]).generate_state(1)[0]))
-    losses = torch.zeros(len(names), dtype=torch.float64, device=device)
-    for batch in micro:
-        batch = to_device(batch, device)
-        with autocast():
-            loss, terms = distil_step(model, teacher, batch, cfg, denominators)
-        scaler.scale(loss).backward()
-        losses += torch.stack([loss.detach()] + [terms[k] for k in names[1:]]).double()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-    stats = torch.cat([losses, host_to_device([0.0], device)])  # the stop flag travels with the losses
-    losses = stats[:-1]
-    loss_value, norm_value, stop = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-1:]]).tolist()
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
-        optimizer.step()
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    window += torch.cat([losses, host_to_device([counts[2]], device)])
+    torch.manual_seed(dropout_seed(0, step, 0))
+    losses = forward_backward(model, teacher, micro, distil_step, cfg, denominators, names, device, autocast, scaler)
+    result = optimizer_step(student, optimizer, scaler, losses, 5.0)
+    window += torch.cat([result["losses"], tokens])
 
 
 def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):

@@ -31,17 +31,19 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
 import train
-from data import default_cache_dir, epoch_batches, load_corpus, make_batch, make_sequences, mask_spec
-from distil import forward_at_rows
-from heldout import masked_lm_sums, perplexity, to_device, valid_batches
+from data import MicroBatches, batches_per_epoch, make_sequences, mask_spec, micro_batch_loader
+from token_cache import default_cache_dir, load_corpus
+from distil import DistilConfig, count_rows, distil_step
+from heldout import masked_lm_sums, perplexity, valid_batches
 from precision import DTYPES, autocast_for, pick_dtype
+from train_step import dropout_seed, forward_backward, get_lr, global_denominators, optimizer_step
 
 QUICK_ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "minilm-l6-quick.safetensors")
 
@@ -97,35 +99,30 @@ def load_quick(model, path):
 
 
 def train_quick(model, seqs, tokenizer, args, autocast):
-    """The --quick recipe: AdamW on quick_parameters alone, masked-LM loss, batches of 32 x 128
-    tokens masked as train.py masks them, 5% warmup then linear decay, clipping at 1."""
+    """The --quick recipe: AdamW on quick_parameters alone, the masked-LM loss alone (distil_step with
+    every teacher loss off: no teacher runs), batches of 32 x 128 tokens masked as train.py masks
+    them, 5% warmup then linear decay, clipping at 1; one step as train.py takes it (train_step.py)."""
     params = quick_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
-    spec, warmup = mask_spec(tokenizer), max(1, args.steps // 20)
-    batches, epoch = [], -1
-    torch.manual_seed(args.seed)  # dropout
+    cfg = DistilConfig(alpha_kd=0.0, alpha_mlm=1.0, alpha_cos=0.0)
+    spec, names, cpu = mask_spec(tokenizer), ["loss", "mlm"], torch.device("cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = MicroBatches(seqs, tokenizer, spec, 32, args.seed, batches_per_epoch(len(seqs.starts), 32, 1))
     model.train()
-    for step in range(args.steps):
-        if not batches:
-            epoch += 1
-            batches = list(reversed(epoch_batches(seqs, 32, args.seed, epoch)))
+    for step, batch in enumerate(micro_batch_loader(batches, 0, args.steps)):
+        micro = [batch]
+        denominators, _ = global_denominators(micro, partial(count_rows, cfg=cfg), cpu)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min((step + 1) / warmup, (args.steps - step) / max(1, args.steps - warmup))
-        batch = to_device(make_batch(seqs, batches.pop(), tokenizer, spec, args.seed, epoch), "cpu")
-        attention_mask = batch["attention_mask"] if batch["padded"] else None
-        with autocast():  # the vocabulary projection at the masked positions only, as train.py does
-            logits, _ = forward_at_rows(model, batch["input_ids"], attention_mask, batch["masked_rows"], False)
-        loss = F.cross_entropy(logits.float(), batch["masked_labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            group["lr"] = get_lr(step, args.steps, args.lr, warmup=0.05)
+        torch.manual_seed(dropout_seed(args.seed, step, 0))
+        losses = forward_backward(model, None, micro, distil_step, cfg, denominators, names, cpu, autocast, scaler)
+        result = optimizer_step(model, optimizer, scaler, losses, clip=1.0)
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{args.steps}: loss {loss.item():.3f}", flush=True)
+            print(f"step {step + 1}/{args.steps}: loss {result['loss']:.3f}", flush=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -20,7 +20,7 @@ import sys
 import time
 
 import train
-from tasks import PRIMARY
+from heldout import PRIMARY
 
 
 def final_scores(out_dir):
