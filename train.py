@@ -74,12 +74,11 @@ def setup_device(args):
 def main(argv=None):
     args = parse_args(argv)
     RUN["out"] = args.out
-    if args.resume and finished_step(args.out) is not None:  # nothing to do, and nothing rewritten
-        step = finished_step(args.out)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{args.out}: finished at step {step}; the student is saved there, nothing to resume "
-                  "(a longer run is a new run, in another --out)")
-        return step
+    # A finished run (its student saved) is reported and left untouched, once the flags are known to be
+    # its own (the checks below); with its checkpoints deleted there is nothing to check them against.
+    finished = finished_step(args.out) if args.resume else None
+    if finished is not None and not list_checkpoints(args.out):
+        return report_finished(args.out, finished)
     transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
@@ -95,14 +94,16 @@ def main(argv=None):
     ckpt_path, ckpt = load_latest(args.out) if args.resume else (None, None)
     if ckpt is not None:
         check_resumable(ckpt["config"], config, ckpt_path)
-    inputs = load_inputs(args, config["global_batch"], master, teacher, kind)
+    inputs = load_inputs(args, config["global_batch"], master and finished is None, teacher, kind)
     config.update(seq_len_used=inputs.seq_len, train_corpus=inputs.train_corpus)
     if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
         check_same_corpus(ckpt["config"], config, ckpt_path)
-    if master:  # the run's first line, once every input has passed its checks (an error stays one line)
-        print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     n_batches = inputs.steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * inputs.steps_per_epoch))
+    if finished is not None and ckpt["step"] >= total_steps:  # (not when the newest checkpoint is older)
+        return report_finished(args.out, ckpt["step"])
+    if master:  # the run's first line, once every input has passed its checks (an error stays one line)
+        print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
     # ---- the models on the device, DDP, the optimizer ----
@@ -251,6 +252,14 @@ def main(argv=None):
         dist.destroy_process_group()
     if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
+    return step
+
+
+def report_finished(out_dir, step):
+    """--resume on a finished run: one line (rank 0), nothing written; returns the run's last step."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{out_dir}: finished at step {step}; the student is saved there, nothing to resume "
+              "(a longer run is a new run, in another --out)")
     return step
 
 
