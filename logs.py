@@ -24,9 +24,10 @@ def check_log_spec(spec):
     """The backends named in `spec` ("tensorboard", "wandb", "tensorboard,wandb", "" or None),
     each checked to be importable now, so a missing package stops the run before any work."""
     names = [name.strip() for name in (spec or "").split(",") if name.strip()]
-    for name in names:
+    for name in names:  # a misspelt name first: installing a package would not fix it
         if name not in BACKENDS:
             raise LogError(f"--log {spec}: unknown backend '{name}'; use tensorboard, wandb or tensorboard,wandb")
+    for name in names:
         try:
             if name == "tensorboard":
                 import torch.utils.tensorboard  # noqa: F401  (fails when the tensorboard package is absent)

@@ -215,6 +215,8 @@ class LabelReader:
     def __call__(self, value, where):
         n = len(self.id2label)
         missing = value is None or (isinstance(value, str) and not value.strip())
+        # datasets' ClassLabel writes -1 for "no label" (GLUE's test splits): the schema says so
+        missing = missing or (self.class_names is not None and not isinstance(value, bool) and value == -1)
         if self.kind == "token_classification":
             if missing:
                 return None
@@ -427,7 +429,7 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
     multi_hot = kind == "multi_label_classification" and has_labels and is_multi_hot(
         [r.get(label_column) for _, r in records if r.get(label_column) is not None], len(id2label))
     read_label = LabelReader(kind, id2label, path, label_map, class_names, multi_hot)
-    texts, pairs, labels, skipped, no_pair = [], [], [], 0, 0
+    texts, pairs, labels, skipped, no_pair, split_texts = [], [], [], 0, 0, 0
     for where, record in records:
         if len(found_fields) < 50:
             found_fields.update(record)
@@ -435,6 +437,7 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
         if kind == "token_classification":
             if isinstance(text, str):  # a CSV cell or a string: words separated by spaces
                 text = text.split()
+                split_texts += 1
             if not isinstance(text, (list, tuple)) or not all(isinstance(w, str) for w in text):
                 raise DataError(f"{path} {where}: '{text_column}' must be a list of words (the layout of the "
                                 f"CoNLL datasets: tokens and ner_tags), got {str(text)[:60]!r}")
@@ -503,6 +506,8 @@ def _tokenize(path, tokenizer, kind, id2label, seq_len, text_column, label_colum
     else:
         arrays["labels"] = np.stack(labels).astype(np.float32)
     notes += read_label.notes()
+    if split_texts and not path.lower().endswith(".csv"):  # (a CSV cell can only hold them so)
+        notes.append(f"the words of {split_texts} records were one string in '{text_column}', split on spaces")
     meta = {"records": len(texts), "labelled": n_labelled, "skipped": skipped, "no_pair": no_pair,
             "truncated": int(sum(n > seq_len for n in full_lengths)), "seq_len": seq_len,
             "label_column": label_column, "has_label_column": has_labels, "pair_column": pair_column,

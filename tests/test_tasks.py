@@ -500,6 +500,7 @@ def test_labels_from_data(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_single_label_metrics_match_sklearn():
+    pytest.importorskip("sklearn", reason="the metrics are compared with the optional scikit-learn's")
     from sklearn.metrics import accuracy_score, f1_score
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(40, 3))
@@ -516,6 +517,7 @@ def test_single_label_metrics_match_sklearn():
 
 
 def test_multi_label_metrics_match_sklearn():
+    pytest.importorskip("sklearn", reason="the metrics are compared with the optional scikit-learn's")
     from sklearn.metrics import accuracy_score, f1_score
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(30, 4))
@@ -528,6 +530,7 @@ def test_multi_label_metrics_match_sklearn():
 
 @pytest.mark.parametrize("outputs", [1, 2])
 def test_regression_metrics_match_scipy_with_ties(outputs):
+    pytest.importorskip("scipy", reason="the correlations are compared with the optional scipy's")
     from scipy.stats import pearsonr, spearmanr
     rng = np.random.default_rng(2)
     true = np.round(rng.normal(size=(25, outputs)), 0).astype(np.float32)  # rounded: many ties
@@ -540,6 +543,7 @@ def test_regression_metrics_match_scipy_with_ties(outputs):
 
 
 def test_token_metrics_match_seqeval():
+    pytest.importorskip("seqeval", reason="entity F1 is the optional seqeval's")
     from seqeval.metrics import f1_score
     names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     rng = np.random.default_rng(3)
@@ -591,6 +595,7 @@ def test_single_label_distillation_end_to_end(teachers, data, tmp_path):
 
 
 def test_token_classification_end_to_end(teachers, data, tmp_path):
+    pytest.importorskip("seqeval", reason="entity F1 of IOB tags needs the optional seqeval package")
     from transformers import pipeline
     out = run_main(tmp_path, "token", teacher=teachers[TOKEN], train=data[TOKEN][0], valid=data[TOKEN][1],
                    eval_every=3, label_column="ner_tags", text_column="tokens")
@@ -733,6 +738,7 @@ def test_every_family_distils_a_sequence_classifier(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["bert-uncased", "roberta"])
 def test_token_classification_families(name, tmp_path):
+    pytest.importorskip("seqeval", reason="entity F1 of IOB tags needs the optional seqeval package")
     from transformers import pipeline
     folder, words = family_task_teacher(name, str(tmp_path / "teacher"), TOKEN)
     records = [{"tokens": t.split(), "ner_tags": ["B-ANIMAL" if w.lower() in ANIMALS else "O" for w in t.split()]}
@@ -832,6 +838,7 @@ def test_regression_and_multi_label_csv_records(tokenizer, tmp_path):
 
 
 def test_fine_tuning_token_classification_takes_tags_from_the_data(teachers, data, tmp_path):
+    pytest.importorskip("seqeval", reason="entity F1 of IOB tags needs the optional seqeval package")
     out = run_main(tmp_path, "ft_token", "--task", TOKEN, student=teachers["mlm"], train=data[TOKEN][0],
                    valid=data[TOKEN][1], max_steps=3, eval_every=3)
     config = json.load(open(os.path.join(out, "config.json")))
@@ -889,6 +896,7 @@ def test_token_truncation_keeps_the_words_before_the_cut(tmp_path):
 
 
 def test_saved_datasets_with_class_labels(tokenizer, tmp_path):
+    pytest.importorskip("datasets", reason="reading a saved dataset needs the optional datasets package")
     from datasets import ClassLabel, Dataset, Features, Sequence, Value
     sentiment = Dataset.from_dict({"text": ["the cat sat", "a dog ran", "red sky"], "label": [1, 0, 1]},
                                   features=Features({"text": Value("string"),
