@@ -15,8 +15,11 @@ import json
 import math
 import sys
 
-from token_cache import default_cache_dir
+from distil import DistilConfig
 from tasks import KINDS
+from token_cache import default_cache_dir
+
+RECIPE = DistilConfig()  # the losses' defaults are the recipe's own (DistilBERT's), written once, in distil.py
 
 
 def read_config(path):
@@ -158,23 +161,23 @@ def parse_args(argv=None):
     a("--adam-eps", type=float, help="default 1e-6 (masked LM), 1e-8 (tasks)")
     a("--clip", type=float, help="gradient-norm clipping, 0 = off (default 5; tasks 1)")
     # the recipe (defaults: RECIPES)
-    a("--temperature", type=float, default=2.0, help="softens both models' distributions in KD")
+    a("--temperature", type=float, default=RECIPE.temperature, help="softens both models' distributions in KD")
     a("--alpha-kd", type=float, help="KD on the teacher's predictions (5; tasks 0.5)")
     a("--alpha-mlm", type=float, help="masked-LM loss (2; tasks: off)")
     a("--alpha-label", type=float, help="tasks: the hard-label loss (0.5; 1 when fine-tuning)")
     a("--alpha-cos", type=float, help="cosine loss of the last hidden states (1; tasks: off)")
-    a("--alpha-mse", type=float, default=0.0, help="squared error of the logits (off in the recipe)")
-    a("--kd-on", default="masked", choices=["all", "masked"],
+    a("--alpha-mse", type=float, default=RECIPE.alpha_mse, help="squared error of the logits (off in the recipe)")
+    a("--kd-on", default=RECIPE.kd_on, choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
     # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
     a("--layer-map", help="teacher:student layer pairs, e.g. 0:0,3:1,6:2 (default: the layers kept, and 0:0)")
-    a("--alpha-hidden", type=float, default=0.0, help="hidden-state loss on the --layer-map pairs")
-    a("--hidden-loss", default="mse", choices=["mse", "cos"], help="MSE (TinyBERT) or cosine")
-    a("--alpha-attn", type=float, default=0.0, help="attention loss on the --layer-map pairs")
-    a("--attn-loss", default="kl", choices=["kl", "mse"],
+    a("--alpha-hidden", type=float, default=RECIPE.alpha_hidden, help="hidden-state loss on the --layer-map pairs")
+    a("--hidden-loss", default=RECIPE.hidden_loss, choices=["mse", "cos"], help="MSE (TinyBERT) or cosine")
+    a("--alpha-attn", type=float, default=RECIPE.alpha_attn, help="attention loss on the --layer-map pairs")
+    a("--attn-loss", default=RECIPE.attn_loss, choices=["kl", "mse"],
       help="KL of attention distributions (MiniLM) or MSE of raw scores (TinyBERT)")
-    a("--alpha-relation", type=float, default=0.0, help="MiniLMv2 q/k/v relations of the last --layer-map pair")
-    a("--relation-heads", type=int, default=0, help="relation heads (default: the student's attention heads)")
+    a("--alpha-relation", type=float, default=RECIPE.alpha_relation, help="MiniLMv2 q/k/v relations of the last --layer-map pair")
+    a("--relation-heads", type=int, default=RECIPE.relation_heads, help="relation heads (default: the student's attention heads)")
     # machinery
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="autocast dtype; auto = bf16 on a GPU that has it (else fp16) and on a CPU with AMX (else fp32); "
@@ -312,7 +315,8 @@ def check_ranges(args):
 _OPTIMIZER_MLM = {"lr": 5e-4, "adam_betas": "0.9,0.98", "adam_eps": 1e-6, "warmup": 0.05, "clip": 5.0}
 _OPTIMIZER_TASK = {"lr": 5e-5, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.0, "clip": 1.0}
 RECIPES = {
-    "mlm": {"alpha_kd": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0, "alpha_label": 0.0, **_OPTIMIZER_MLM},
+    "mlm": {"alpha_kd": RECIPE.alpha_kd, "alpha_mlm": RECIPE.alpha_mlm, "alpha_cos": RECIPE.alpha_cos, "alpha_label": 0.0,
+            **_OPTIMIZER_MLM},
     "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, **_OPTIMIZER_TASK},
     "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, **_OPTIMIZER_TASK},
 }

@@ -29,7 +29,8 @@ from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
 from precision import DTYPES, autocast_for
 from tasks import check_labelled, examples_note, load_examples, parse_label_map, task_batch, valid_task_batches
-from student import StudentError, load_teacher, load_tokenizer, task_kind, usable_positions
+from pretrained import load_teacher, load_tokenizer, task_kind, usable_positions
+from student import StudentError
 
 VALID_MASK_SEED = 0  # validation masks never depend on --seed, so runs with different seeds compare
 PRIMARY = {"single_label_classification": "accuracy", "multi_label_classification": "micro_f1",

@@ -183,7 +183,7 @@ PIPELINE_TAGS = {"single_label_classification": "text-classification", "multi_la
 def task_model_card(run, teacher, student, kind, steps, scores, teacher_scores):
     """The text of README.md for a task run (train.py with a fine-tuned teacher, or --task): what was
     trained on what, the losses that were on, and the held-out scores of student and teacher.
-    scores, teacher_scores: tasks.task_metrics dicts (None without --valid, or without a teacher)."""
+    scores, teacher_scores: heldout.task_metrics dicts (None without --valid, or without a teacher)."""
     from huggingface_hub import ModelCardData
 
     teacher_name = run.get("teacher")

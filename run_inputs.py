@@ -10,8 +10,8 @@ import torch
 from data import make_sequences, mask_spec
 from token_cache import DataError, corpus_digest, corpus_note, load_corpus
 from distil import DistilConfig, check_capture, parse_layer_map
-from student import (StudentError, build_student, check_layers, check_student_vocabulary, load_student_checkpoint,
-                     load_tokenizer, make_student, task_kind, usable_positions)
+from pretrained import check_student_vocabulary, load_student_checkpoint, load_tokenizer, task_kind, usable_positions
+from student import StudentError, build_student, check_layers, make_student
 from heldout import check_metrics
 from tasks import check_labelled, examples_digest, examples_note, labels_from_data, load_examples, parse_label_map
 
@@ -88,6 +88,28 @@ def load_inputs(args, global_batch, master, teacher, kind):
                                 args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
     if kind is None and getattr(args, "label_map", None):
         raise DataError("--label-map maps a task's labels; a masked-LM run has none: drop it")
+    train_data, valid_data, spec, train_corpus = load_data(args, kind, tokenizer, id2label, seq_len, teacher, master)
+    n_sequences = len(train_data.starts)
+    # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
+    # so that a run resumed on another number of GPUs (same global batch) sees the same data.
+    steps_per_epoch = n_sequences // global_batch
+    if steps_per_epoch < 1:
+        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {seq_len}: too few "
+                        f"for one step of {global_batch}; lower --batch-size "
+                        "or --grad-accum, or pass a longer corpus")
+    left_out = n_sequences - steps_per_epoch * global_batch
+    if kind is not None and left_out and master and (args.max_steps is None or args.max_steps >= steps_per_epoch):
+        print(epoch_remainder_note(args.train, n_sequences, steps_per_epoch, global_batch, args.batch_size))
+    return SimpleNamespace(tokenizer=tokenizer, layers=layers, cfg=cfg, student=student, train_data=train_data,
+                           valid_data=valid_data, spec=spec, seq_len=seq_len, steps_per_epoch=steps_per_epoch,
+                           train_corpus=train_corpus)
+
+
+def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master):
+    """The training and held-out data, read, tokenized once (cached) and counted: a masked-LM corpus
+    cut into sequences (data.make_sequences) with its masking spec, or a task's labelled examples
+    (tasks.load_examples). What reading skipped or guessed is said in one line. Returns (train_data,
+    valid_data or None, spec or None, train_corpus: what a resume checks)."""
     if kind is not None:
         label_map = parse_label_map(getattr(args, "label_map", None), id2label)
         read = lambda path: load_examples(path, tokenizer, kind, id2label, seq_len, args.cache_dir,
@@ -104,38 +126,24 @@ def load_inputs(args, global_batch, master, teacher, kind):
             check_labelled(valid_data, args.valid, "--valid")
         if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
             print("fine-tuning without a teacher: the records without a label teach nothing")
-        n_sequences, spec = len(train_data.starts), None
-    else:
-        # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
-        read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
-                                        progress=master and args.progress)
-        corpus = read(args.train)
-        train_data = make_sequences(corpus, seq_len, args.pack)
-        valid_corpus = read(args.valid) if args.valid else None
-        valid_data = make_sequences(valid_corpus, seq_len, args.pack) if args.valid else None
-        for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
-            if note and master:  # what reading skipped (empty or null texts) is said, never silent
-                print(note)
-        spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
-        n_sequences = len(train_data.starts)
-        train_corpus = {"tokens": len(corpus.tokens), "sequences": n_sequences,
-                        "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
-    if kind is not None:
-        train_corpus = {"tokens": int(train_data.lengths.sum()), "sequences": n_sequences,
+        train_corpus = {"tokens": int(train_data.lengths.sum()), "sequences": len(train_data.starts),
                         "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
-    # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
-    # so that a run resumed on another number of GPUs (same global batch) sees the same data.
-    steps_per_epoch = n_sequences // global_batch
-    if steps_per_epoch < 1:
-        raise DataError(f"{args.train} gives {n_sequences} sequences of --seq-len {seq_len}: too few "
-                        f"for one step of {global_batch}; lower --batch-size "
-                        "or --grad-accum, or pass a longer corpus")
-    left_out = n_sequences - steps_per_epoch * global_batch
-    if kind is not None and left_out and master and (args.max_steps is None or args.max_steps >= steps_per_epoch):
-        print(epoch_remainder_note(args.train, n_sequences, steps_per_epoch, global_batch, args.batch_size))
-    return SimpleNamespace(tokenizer=tokenizer, layers=layers, cfg=cfg, student=student, train_data=train_data,
-                           valid_data=valid_data, spec=spec, seq_len=seq_len, steps_per_epoch=steps_per_epoch,
-                           train_corpus=train_corpus)
+        return train_data, valid_data, None, train_corpus
+
+    # Each rank takes the cache lock in turn: the first tokenizes, the others then just load it.
+    read = lambda path: load_corpus(path, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
+                                    progress=master and args.progress)
+    corpus = read(args.train)
+    train_data = make_sequences(corpus, seq_len, args.pack)
+    valid_corpus = read(args.valid) if args.valid else None
+    valid_data = make_sequences(valid_corpus, seq_len, args.pack) if args.valid else None
+    for note in (corpus_note(c) for c in (corpus, valid_corpus) if c is not None):
+        if note and master:  # what reading skipped (empty or null texts) is said, never silent
+            print(note)
+    spec = mask_spec(tokenizer, corpus, args.mlm_smoothing, args.mlm_prob)
+    train_corpus = {"tokens": len(corpus.tokens), "sequences": len(train_data.starts),
+                    "sha256": corpus_digest(corpus), "cache": corpus.cache_name}
+    return train_data, valid_data, spec, train_corpus
 
 
 def epoch_remainder_note(path, n_records, steps_per_epoch, global_batch, batch_size):

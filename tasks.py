@@ -1,21 +1,22 @@
-"""Task distillation's data and scores: labelled records in, batches out; predictions in, metrics out.
+"""Task distillation: labelled records in, batches out, and the task's distillation step.
 
-A task is what a fine-tuned teacher predicts (distil.KINDS): one label per text or text pair
+A task is what a fine-tuned teacher predicts (KINDS): one label per text or text pair
 (single_label_classification), any number of labels per text (multi_label_classification), one or
 more numbers per text (regression), or one label per word (token_classification). The task and its
-label names come from the teacher's class and config (student.task_kind, config.id2label); for
+label names come from the teacher's class and config (pretrained.task_kind, config.id2label); for
 fine-tuning without a task teacher (--task), from the training data.
 
 The pipeline, top to bottom:
-1. `load_examples` reads a .csv, .jsonl or dataset (data.read_records), maps each label to its
-   id, tokenizes once (text pairs as the tokenizer frames them; word lists with each word's label
-   on its first sub-token, as transformers' token-classification example does) and caches the
+1. `load_examples` reads a .csv, .jsonl or dataset (token_cache.read_records), maps each label to
+   its id, tokenizes once (text pairs as the tokenizer frames them; word lists with each word's
+   label on its first sub-token, as transformers' token-classification example does) and caches the
    result as numpy arrays, keyed on the file, the tokenizer and every reading option. A record
    without a label is kept: the teacher's soft targets teach on it.
 2. `TaskBatches` serves micro-batch m of the run as a pure function of m (epoch order from
-   data.epoch_batches), padded to its longest sequence, with distil.task_rows' host indices.
-3. `predict` runs a model over batches; `task_metrics` scores the predictions against the labels
-   and, given the teacher's, how often the two agree.
+   data.epoch_batches), padded to its longest sequence, with `task_rows`' host indices.
+3. `task_step`: the losses of one micro-batch, KD on the task's logits plus the hard-label loss
+   (DistilBERT (D)'s recipe), and the layer losses shared with the masked-LM step (distil.py).
+The scores (accuracy, F1, correlations, agreement with the teacher) are heldout.py's.
 """
 
 import fcntl
@@ -610,7 +611,7 @@ def task_rows(attention_mask, labels, kind, word_mask=None):
 def task_batch(examples, indices, pad_id):
     """Examples `indices` as a batch of numpy arrays, padded to the longest: input_ids,
     attention_mask (and token_type_ids for text pairs), the labels in transformers' layout, and
-    distil.task_rows' indices, computed here on the host so that the step never looks for them."""
+    task_rows' indices, computed here on the host so that the step never looks for them."""
     lengths = examples.lengths[indices]
     shape = (len(indices), int(lengths.max()))
     input_ids = np.full(shape, pad_id, dtype=np.int64)

@@ -42,7 +42,8 @@ from logs import LogError, check_log_spec, close_loggers, log_metrics, open_logg
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
 from run_inputs import load_inputs
-from student import StudentError, compile_layers, load_teacher, save_student, task_kind
+from pretrained import load_teacher, save_student, task_kind
+from student import StudentError, compile_layers
 from tasks import TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
 from train_step import (dropout_seed, forward_backward, get_lr, global_denominators, host_to_device, make_optimizer,
@@ -107,17 +108,8 @@ def main(argv=None):
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
     # ---- the models on the device, DDP, the optimizer ----
-    student, cfg = inputs.student.to(device), inputs.cfg
-    if teacher is not None:
-        teacher.to(device)
-        if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
-            teacher.to(dtype)
-    # Parameters no active loss reaches (the MLM head when only hidden states are compared, layers past
-    # the last --layer-map pair) would get no gradient, which DDP takes for an error: they do not train.
-    frozen = freeze_unreached(student, run.step(student, teacher, run.probe_batch(student), cfg)[0])
-    if frozen and master:
-        print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
-
+    student, cfg = inputs.student, inputs.cfg
+    model = place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master)
     # Labels given as bare ids may number the classes in another order than the teacher: the teacher's
     # predictions on a sample of them say so (once, before the loop; never inside a step).
     label_warnings = []
@@ -127,14 +119,6 @@ def main(argv=None):
         if warning:
             label_warnings.append(warning)
             print(warning, flush=True)
-    if args.compile:  # after the probe's forward (see compile_layers)
-        compile_layers(student)
-    model = student
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        # Only the student is wrapped: the teacher has no gradients to synchronise.
-        model = DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
     betas = tuple(float(b) for b in args.adam_betas.split(","))
     optimizer = make_optimizer(student, args.lr, betas, args.adam_eps, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -142,19 +126,10 @@ def main(argv=None):
     # ---- resume, or start: the run folder, the loggers, the teacher's held-out scores ----
     names = ["loss"] + [k for k in ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
                         if getattr(cfg, f"alpha_{k}") > 0]
-    state = resume_state(ckpt, student, optimizer, scaler, len(names))
-    if ckpt is not None and master:
-        print(f"resumed from {ckpt_path} at step {state.step}")
+    state = resume_state(ckpt, ckpt_path, student, optimizer, scaler, len(names), master)
     del ckpt
-    step, window, n_logged = state.step, host_to_device(state.window, device), state.n_logged
-    last_ckpt = ckpt_path
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        out_lock = lock_out_dir(args.out)  # held until main returns or the process ends, however it ends
-        with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        # Drop what a crashed run logged after the checkpoint we resume from (a new run starts empty).
-        truncate_metrics(args.out, step if args.resume else -1)
+    step, window, n_logged, last_ckpt = state.step, host_to_device(state.window, device), state.n_logged, ckpt_path
+    out_lock = open_run_folder(args, config, step) if master else None  # held until the process ends
     loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
     teacher_scores, teacher_predictions, valid_scores = state.teacher_scores, None, None
     # A task's agreement needs the teacher's predictions, which no checkpoint keeps: computed every run.
@@ -205,12 +180,11 @@ def main(argv=None):
             bar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                sums = window.tolist()
+                sums = window.tolist()  # read back at logging steps only
                 record = {"step": step, **{k: w / n_logged for k, w in zip(names, sums)}, "lr": lr,
                           "grad_norm": result["grad_norm"], "tokens_per_s": sums[-1] / train_seconds,
-                          "data_wait": data_seconds / train_seconds, "skipped_steps": skipped}
-                if scaler.is_enabled():
-                    record["scale"] = scaler.get_scale()
+                          "data_wait": data_seconds / train_seconds, "skipped_steps": skipped,
+                          **({"scale": scaler.get_scale()} if scaler.is_enabled() else {})}
                 log(args, master, record, loggers)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window.zero_()
@@ -223,17 +197,16 @@ def main(argv=None):
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
             if saved or result["stop"]:
-                last_ckpt = save(args, config, student, optimizer, scaler, step, teacher_scores, skipped,
-                                 (window.tolist(), n_logged), n_batches, master, ddp)
+                last_ckpt = save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window,
+                                 n_logged, n_batches, master, ddp)
             if result["stop"]:
                 if master:
                     print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
                 break
     bar.close()
     close_loggers(loggers)
-
     if step == total_steps and master:
-        save_student(student, tokenizer=inputs.tokenizer, out_dir=args.out)
+        save_student(student, inputs.tokenizer, args.out)
         run.write_card(config, step, valid_scores, teacher_scores)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
         if label_warnings:  # the student's label names are the teacher's; the data's ids may not follow them
@@ -243,6 +216,14 @@ def main(argv=None):
                   "check them, or rerun with --label-map")
         print(f"checkpoints: {checkpoints_size(args.out) / 1e6:.0f} MB in {os.path.join(args.out, 'checkpoints')}, "
               "for --resume; the student does not need them: rm -r that folder to free the space")
+    end_process_group(ddp)
+    if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
+        print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
+    return step
+
+
+def end_process_group(ddp):
+    """Every rank waits for the others (rank 0 may be saving), then the process group ends."""
     if ddp:
         dist.barrier()
         # Let gloo's worker threads take the GIL to free the tensors of finished collectives: the last
@@ -250,9 +231,42 @@ def main(argv=None):
         # waiting for it then hangs the exit (seen about once in 30 runs with torch 2.13 on CPU).
         time.sleep(0.2)
         dist.destroy_process_group()
-    if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
-        print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
-    return step
+
+
+def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master):
+    """Both models on the device; the student's parameters that no loss reaches frozen; --compile;
+    under torchrun, the process group and the student wrapped in DDP. Returns the model to train."""
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+        if dtype != torch.float32:  # the teacher only runs forward: keep its weights in the compute dtype
+            teacher.to(dtype)
+    # Parameters no active loss reaches (the MLM head when only hidden states are compared, layers past
+    # the last --layer-map pair) would get no gradient, which DDP takes for an error: they do not train.
+    frozen = freeze_unreached(student, run.step(student, teacher, run.probe_batch(student), cfg)[0])
+    if frozen and master:
+        print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
+    if args.compile:  # after the probe's forward (see compile_layers)
+        compile_layers(student)
+    if world_size == 1:
+        return student
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
+    # toolkits do, would all-reduce nothing at a cost).
+    return DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
+
+
+def open_run_folder(args, config, step):
+    """Rank 0's --out: created and locked (the lock is returned, and held while it is referenced or
+    the process lives), run.json written, and what a crashed run logged after the checkpoint we
+    resume from dropped from metrics.jsonl (a new run starts it empty)."""
+    os.makedirs(args.out, exist_ok=True)
+    lock = lock_out_dir(args.out)
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    truncate_metrics(args.out, step if args.resume else -1)
+    return lock
 
 
 def report_finished(out_dir, step):
@@ -319,7 +333,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         evaluate=evaluate, write_card=write_card)
 
 
-def resume_state(ckpt, student, optimizer, scaler, n_terms):
+def resume_state(ckpt, ckpt_path, student, optimizer, scaler, n_terms, master):
     """The loop's state at its start: a checkpoint's (weights, optimizer and scaler loaded in place,
     the step, the teacher's held-out scores, the skipped steps, the log window, the RNG), or a new run's."""
     if ckpt is None:
@@ -330,17 +344,21 @@ def resume_state(ckpt, student, optimizer, scaler, n_terms):
     torch.set_rng_state(ckpt["rng_cpu"])
     window, n_logged = ckpt["log_window"]  # losses since the last log line, so the next one is whole
     teacher_ppl = ckpt["teacher_ppl"]
+    if master:
+        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
     return SimpleNamespace(step=ckpt["step"], teacher_scores=None if teacher_ppl is None else {"ppl": teacher_ppl},
                            skipped=ckpt["skipped_steps"], window=window, n_logged=n_logged)
 
 
-def save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, log_window, n_batches, master, ddp):
+def save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window, n_logged, n_batches, master,
+         ddp):
     """Rank 0 writes the checkpoint of `step` (checkpoint.save_checkpoint: atomic, the last --keep
     kept); every rank returns its path (each names it if it stops on NaNs) and waits for the write."""
     if master:
         state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "config": config,
-                 "teacher_ppl": (teacher_scores or {}).get("ppl"), "skipped_steps": skipped, "log_window": log_window,
+                 "teacher_ppl": (teacher_scores or {}).get("ppl"), "skipped_steps": skipped,
+                 "log_window": (window.tolist(), n_logged),
                  "rng_cpu": torch.get_rng_state(), "data_position": divmod(step * args.grad_accum, n_batches)}
         save_checkpoint(state, args.out, args.keep)
     if ddp:

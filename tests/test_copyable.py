@@ -1,4 +1,5 @@
-"""The README offers losses.py, student.py and distil.py (with losses.py beside it) for copying into
+"""The README offers losses.py, student.py, pretrained.py (with student.py beside it) and distil.py (with
+losses.py beside it) for copying into
 another codebase. Each is copied here into an empty folder and used there, in a fresh Python whose
 sys.path holds that folder and the installed packages only: an import of another project module
 fails the test.
@@ -42,6 +43,7 @@ print("ok")
 """
 
 # student.py alone: a tiny BERT from a config, a student of two of its layers, saved and reloaded.
+# pretrained.py with it: the same student saved by save_student (checked on reload) and loaded as a teacher.
 USE_STUDENT = """
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertTokenizer
@@ -59,7 +61,7 @@ assert len(student.encoder_layers(s)) == 2
 for k, i in enumerate([0, 2]):
     for a, b in zip(student.encoder_layers(s)[k].parameters(), student.encoder_layers(teacher)[i].parameters()):
         assert torch.equal(a, b)
-student.save_student(s, tokenizer, "out")
+SAVE
 reloaded = AutoModelForMaskedLM.from_pretrained("out").eval()
 ids = torch.tensor([tokenizer("the cat sat on the mat")["input_ids"]])
 with torch.no_grad():
@@ -97,8 +99,17 @@ assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.
 print("ok")
 """
 
+USE_PRETRAINED = USE_STUDENT.replace("SAVE", """
+import pretrained
+assert os.path.dirname(pretrained.__file__) == here
+pretrained.save_student(s, tokenizer, "out")
+assert not pretrained.load_teacher("out").training
+""")
+USE_STUDENT = USE_STUDENT.replace("SAVE", """s.save_pretrained("out")""")
+
 CASES = {"losses.py alone": (["losses.py"], USE_LOSSES),
          "student.py alone": (["student.py"], USE_STUDENT),
+         "pretrained.py with student.py": (["pretrained.py", "student.py"], USE_PRETRAINED),
          "distil.py with losses.py": (["distil.py", "losses.py"], USE_DISTIL)}
 
 

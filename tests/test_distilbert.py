@@ -12,13 +12,13 @@ import sys
 
 import pytest
 import torch
-from transformers import (AutoModelForMaskedLM, BertConfig, BertForMaskedLM, DistilBertForMaskedLM,
-                          ElectraConfig, ElectraForMaskedLM, RobertaConfig, RobertaForMaskedLM)
+from transformers import (AutoModelForMaskedLM, BertConfig, BertForMaskedLM, DistilBertForMaskedLM, ElectraConfig,
+                          ElectraForMaskedLM, RobertaConfig, RobertaForMaskedLM)
 
 from conftest import make_bert_teacher
 from distil import DistilConfig, default_layer_map, distil_step
-from student import (StudentError, load_teacher, load_tokenizer, make_distilbert_student, make_student,
-                     save_student)
+from pretrained import load_teacher, load_tokenizer, save_student
+from student import StudentError, make_distilbert_student, make_student
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_LAYERS = 4

@@ -190,7 +190,7 @@ def front_matter(text):
 
 
 def test_model_card_of_a_run_has_the_hub_header_and_the_numbers(tiny_run):
-    from student import load_teacher
+    from pretrained import load_teacher
     run = json.load(open(os.path.join(tiny_run, "run.json")))
     records = read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))
     valid_ppl = [r["valid_ppl"] for r in records if "valid_ppl" in r][-1]
@@ -219,7 +219,7 @@ def test_model_card_of_a_run_has_the_hub_header_and_the_numbers(tiny_run):
 
 
 def test_model_card_takes_language_and_license_from_the_teacher_card_or_the_flag(tiny_run, tiny_teacher, tmp_path):
-    from student import load_teacher
+    from pretrained import load_teacher
     teacher_dir = str(tmp_path / "teacher")
     shutil.copytree(tiny_teacher, teacher_dir)
     with open(os.path.join(teacher_dir, "README.md"), "w") as f:
@@ -261,7 +261,7 @@ def test_model_card_of_an_mlm_only_run_claims_no_distillation(tiny_teacher, tiny
 
 
 def test_model_card_names_only_the_losses_that_were_on(tiny_run, tiny_teacher):
-    from student import load_teacher
+    from pretrained import load_teacher
     run = json.load(open(os.path.join(tiny_run, "run.json")))
     args = (load_teacher(tiny_teacher), load_teacher(tiny_run), "[MASK]", [0, 3], 12, {"train": (run["train"], 10)},
             None, None)

@@ -37,8 +37,8 @@ import train
 from data import collate, make_batch, make_sequences, mask_spec, to_device
 from token_cache import DataError, load_corpus, read_documents
 from distil import DistilConfig, distil_step
-from student import (StudentError, encoder_layers, load_teacher, load_tokenizer, make_narrow_student, make_student,
-                     save_student, usable_positions)
+from pretrained import load_teacher, load_tokenizer, save_student, usable_positions
+from student import StudentError, encoder_layers, make_narrow_student, make_student
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_LAYERS, HIDDEN, HEADS, POSITIONS = 4, 32, 2, 64

@@ -8,11 +8,11 @@ the wrong order shows as a teacher that is wrong.
 
 import json
 import os
-from contextlib import nullcontext
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -23,8 +23,9 @@ import flags
 import heldout
 import tasks
 import train
-from data import DataError
-from student import StudentError, load_teacher, load_tokenizer
+from pretrained import load_teacher, load_tokenizer
+from student import StudentError
+from token_cache import DataError
 from test_tasks import (ANIMALS, MULTI, SINGLE, TAGS, TOKEN, family_task_teacher, load_tok, make_task_teacher, metrics,
                         run_main, sentences, write_csv, write_jsonl)
 

@@ -47,7 +47,7 @@ def test_shipped_quick_teacher_is_a_masked_lm_the_trainer_accepts(tmp_path):
     assert os.path.getsize(make_teacher.QUICK_ASSET) < 600_000
     out = str(tmp_path / "teacher")
     make_teacher.main(["--quick", "--out", out])
-    from student import load_teacher  # refuses a checkpoint whose MLM head would start at random
+    from pretrained import load_teacher  # refuses a checkpoint whose MLM head would start at random
     teacher = load_teacher(out)
     shipped = make_teacher.quick_parameters(teacher)
     assert sum(p.numel() for p in shipped.values()) < 0.01 * sum(p.numel() for p in teacher.parameters())

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from distil import DistilConfig, default_layer_map, distil_step
-from student import StudentError, add_projection, load_teacher, make_narrow_student, save_student
+from pretrained import load_teacher, save_student
+from student import StudentError, add_projection, make_narrow_student
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

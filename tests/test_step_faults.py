@@ -25,7 +25,8 @@ from token_cache import load_corpus
 from distil import DistilConfig, default_layer_map, distil_step, with_rows
 from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss,
                     relation_loss)
-from student import load_teacher, load_tokenizer, make_student
+from pretrained import load_teacher, load_tokenizer
+from student import make_student
 from test_resume import flags, metrics, ok, run, weights, wrapper
 
 TINY = dict(seq_len=16, layers="0,2", dtype="fp32", log_every=1, no_progress=True)

@@ -10,8 +10,8 @@ import torch
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, RobertaConfig,
                           RobertaForMaskedLM)
 
-from student import (StudentError, check_layers, default_layers, encoder_layers, load_teacher, load_tokenizer,
-                     make_student, save_student, usable_positions)
+from pretrained import load_teacher, load_tokenizer, save_student, usable_positions
+from student import StudentError, check_layers, default_layers, encoder_layers, make_student
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_hub_name_teacher_is_checked_too(tiny_teacher, bert_tokenizers, tmp_path
     shutil.copytree(tiny_teacher, snapshot_dir)
     (tmp_path / "hub" / "models--someone--tiny-bert" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny-bert" / "refs" / "main").write_text("0" * 40)
-    script = (f"from student import StudentError, load_teacher, load_tokenizer\n"
+    script = (f"from pretrained import StudentError, load_teacher, load_tokenizer\n"
               f"teacher = load_teacher('someone/tiny-bert')\n"
               f"load_tokenizer(teacher, 'someone/tiny-bert', {bert_tokenizers['same']!r})\n"
               f"try:\n"

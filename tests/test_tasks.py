@@ -1,5 +1,5 @@
 """Task distillation: a teacher fine-tuned for sequence or token classification teaches a student on
-labelled data (tasks.py, distil.task_rows / task_step, the task losses, train.py's task runs).
+labelled data (tasks.py, tasks.task_rows / task_step, the task losses, train.py's task runs).
 
 Everything is tiny and offline: BERT-family task models built from configs (hidden 32, 2 layers, 64
 positions), a WordPiece vocabulary in which "catdog" is split into cat ##d ##o ##g, and labelled
@@ -847,7 +847,7 @@ def test_fine_tuning_token_classification_takes_tags_from_the_data(teachers, dat
 
 
 def test_student_checkpoint_keeps_a_head_of_the_same_labels_only(teachers):
-    from student import load_student_checkpoint
+    from pretrained import load_student_checkpoint
     from safetensors.torch import load_file
     saved = load_file(os.path.join(teachers[SINGLE], "model.safetensors"))
     same = load_student_checkpoint(teachers[SINGLE], SINGLE, NEG_POS)

@@ -217,7 +217,7 @@ def bad_teachers(tiny_teacher, tmp_path_factory):
     """Folders of a model that is no masked LM (GPT-2) and of a BERT saved without its MLM head."""
     from transformers import BertModel, GPT2Config, GPT2LMHeadModel
 
-    from student import load_teacher
+    from pretrained import load_teacher
     folder = tmp_path_factory.mktemp("bad_teachers")
     GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
         folder / "gpt2")

@@ -25,7 +25,7 @@ import transformers
 from data import make_sequences
 from token_cache import default_cache_dir, load_corpus
 from heldout import masked_lm_sums, perplexity, valid_batches
-from student import load_teacher, load_tokenizer
+from pretrained import load_teacher, load_tokenizer
 
 ROWS = [  # (name, flags that differ from the full recipe)
     ("full recipe (KD 5, MLM 2, cos 1), --kd-on masked", []),

@@ -35,7 +35,8 @@ from data import epoch_batches, make_batch, make_sequences, mask_spec, to_device
 from token_cache import Corpus, load_corpus
 from distil import DistilConfig, count_rows, distil_step
 from precision import DTYPES, autocast_for, pick_dtype
-from student import load_teacher, make_student
+from pretrained import load_teacher
+from student import make_student
 from train_step import dropout_seed, forward_backward, global_denominators, optimizer_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the variants run as `python -m tools.bench` from it
@@ -329,7 +330,7 @@ def bench_overhead(args):
     spec = mask_spec(tokenizer)
     batches = [make_batch(seqs, indices, tokenizer, spec, 0, 0)
                for indices in epoch_batches(seqs, args.batch_size, 0, 0)[:n_steps]]
-    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as train.make_optimizer
+    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as train_step.make_optimizer
     minimal_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
