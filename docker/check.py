@@ -257,7 +257,7 @@ def build(image, workdir):
     env = dict(os.environ, DOCKER_BUILDKIT="1")
     try:
         run(build_command() + ["--network", "host", "--progress", "plain", "--build-arg", "TORCH=cpu",
-                               "--build-arg", "TORCH_CPU_INDEX=", *secrets, "-t", image, ROOT], env=env)
+                               "--build-arg", "TORCH_INDEX=none", *secrets, "-t", image, ROOT], env=env)
     finally:
         server.shutdown()
     new = image_id(image)
