@@ -26,11 +26,12 @@ ARG TORCH_INDEX=
 ARG UID=1000
 ARG GID=1000
 
-# Debian's python3 is 3.11 (the version the tests ran with). gcc, libc6-dev and python3-dev: what
-# torch.compile needs at run time on a GPU (Triton compiles a small C launcher against Python.h).
+# Debian's python3 is 3.11 (the version the tests ran with). What --compile (torch.compile) needs at
+# run time: on a GPU gcc and python3-dev (Triton compiles a small C launcher against Python.h), on a
+# CPU g++ (inductor compiles C++ kernels).
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+        python3 python3-venv python3-dev gcc g++ libc6-dev ca-certificates \
     && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 

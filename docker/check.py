@@ -12,8 +12,8 @@
    image is then checked to hold no pip configuration and its history no trace of them.
 3. In containers without a network (HF_HUB_OFFLINE=1), as the image's non-root user, with host
    folders mounted: the quickstart's teacher; a short distillation on a read-only root filesystem
-   (what Apptainer gives); torchrun with 2 processes as an arbitrary --user UID:GID; the output in a
-   fill-mask pipeline.
+   (what Apptainer gives); torchrun with 2 processes as an arbitrary --user UID:GID; torch.compile;
+   the output in a fill-mask pipeline.
 4. On the host: the files of both runs in the mounted folders, owned by the users that wrote them;
    the image's size.
 
@@ -370,6 +370,11 @@ def main(argv=None):
                          "--no-progress"],
             [(teachers, f"{PROJECT}/teachers:ro"), (data, "/data")], ["--user", ARBITRARY_USER])
         assert "saved the student" in out
+
+        say("\n== torch.compile on CPU (inductor compiles C++ with the image's g++)")
+        code = "import torch; f = torch.compile(lambda x: torch.sin(x) * 2); print('compiled:', f(torch.zeros(4)).tolist())"
+        out, times["compile"] = container(args.image, ["-c", code], [])
+        assert "compiled: [0.0, 0.0, 0.0, 0.0]" in out
 
         say("\n== the output in a fill-mask pipeline")
         code = ("from transformers import pipeline; fill = pipeline('fill-mask', model='runs/quickstart'); "
