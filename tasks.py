@@ -262,7 +262,7 @@ class LabelReader:
     def notes(self):
         """What reading guessed, each as a phrase for examples_note (none when nothing was guessed)."""
         out = []
-        if self.folded:
+        if self.folded and self.class_names is None:  # (ClassLabel names: match_class_names' note says it all)
             pairs = ", ".join(f"{a} -> {b}" for a, b in list(self.folded.items())[:4])
             out.append(f"label names matched to the teacher's ignoring case ({pairs})")
         if "multi-hot" in self.forms:
