@@ -214,7 +214,8 @@ def main(argv=None):
             print(f"warning: {args.out} keeps the teacher's label names ({names}), which the data's label ids may not "
                   f"follow (see the warning above{'; with --alpha-kd 0 the student learnt the data ids alone' if not cfg.alpha_kd else ''}); "
                   "check them, or rerun with --label-map")
-        print(f"checkpoints: {checkpoints_size(args.out) / 1e6:.0f} MB in {os.path.join(args.out, 'checkpoints')}, "
+        size = checkpoints_size(args.out) / 1e6
+        print(f"checkpoints: {size:.{0 if size >= 10 else 1}f} MB in {os.path.join(args.out, 'checkpoints')}, "
               "for --resume; the student does not need them: rm -r that folder to free the space")
     end_process_group(ddp)
     if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
