@@ -8,7 +8,6 @@ flushed to disk and renamed: a crash while writing leaves the previous checkpoin
 never a partial file under a checkpoint's name.
 """
 
-import fcntl
 import glob
 import json
 import os
@@ -18,12 +17,18 @@ from contextlib import contextmanager
 
 import torch
 
+from cluster import try_lock
+
 CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 
 # Flags that may change between a run and its resumption: they change when things happen, where
 # they are written, or how the same global batch is split over ranks and micro-steps (the run
 # records the global batch itself, which must match), not what is computed.
 FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
+              "save_every_minutes", "collective_timeout", "cache_only",
+              # the length of the run: a larger --max-steps extends it (the learning rate then follows the
+              # schedule of the new length from the step resumed on: see docs/faults.md)
+              "max_steps", "epochs", "total_steps",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
               "grad_accum", "world_size", "out", "compile", "num_workers", "dtype_requested", "dtype_reason",
               "train_corpus", "seq_len_used"}  # train_corpus: compared by check_same_corpus once the corpus is
@@ -144,11 +149,42 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
+def resuming(out_dir, resume):
+    """Whether this run continues the one in `out_dir`: --resume (True), or --resume auto when the
+    folder holds a checkpoint (and starts a new run when it holds none: what torchrun --max-restarts
+    needs, re-running one command line after any failure)."""
+    return resume is True or (resume == "auto" and bool(list_checkpoints(out_dir)))
+
+
+def finished_run(out_dir, max_steps=None, epochs=None):
+    """The step a finished run in `out_dir` ended at, or None if there is none, or if this command asks
+    it for more (--max-steps above that step, or --epochs other than the run's). A run is finished when
+    its student is saved and run.json's total_steps is its newest checkpoint's step. Reads run.json and
+    file names only: cheap enough to ask before anything is loaded."""
+    paths = list_checkpoints(out_dir)
+    if not paths or not os.path.exists(os.path.join(out_dir, "model.safetensors")):
+        return None
+    try:
+        with open(os.path.join(out_dir, "run.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    step = int(CKPT_PATTERN.search(paths[-1]).group(1))
+    if config.get("total_steps") != step:
+        return None
+    if max_steps is not None:
+        return step if max_steps <= step else None
+    if config.get("max_steps") is not None:  # the run was sized by steps; --epochs alone does not extend it
+        return step
+    return step if epochs is None or epochs == config.get("epochs") else None
+
+
 def check_out_dir(out_dir, resume):
     """Refuse to start a new run on top of one that has something to lose: a checkpoint or a model.
 
     A folder with only the log of a run that died before its first checkpoint is started over,
-    else its owner could neither --resume it (no checkpoint) nor start again.
+    else its owner could neither --resume it (no checkpoint) nor start again. --resume auto
+    continues whatever the folder holds.
     """
     if resume:
         return
@@ -162,12 +198,11 @@ def check_out_dir(out_dir, resume):
 def lock_out_dir(out_dir):
     """Hold OUT/.lock for as long as the returned file stays open: a second run (or a second --resume)
     in the same folder stops at once instead of interleaving its checkpoints and log with this one's."""
-    lock = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(f"--out {out_dir} is in use by another run (it holds the lock on {lock.name}); "
-                              "wait for it to finish or choose another --out") from None
+    path = os.path.join(out_dir, ".lock")
+    lock = try_lock(path)  # flock, or a soft lock on a filesystem without it
+    if lock is None:
+        raise CheckpointError(f"--out {out_dir} is in use by another run (it holds the lock on {path}); "
+                              "wait for it to finish or choose another --out")
     return lock
 
 

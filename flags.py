@@ -100,6 +100,8 @@ def parse_args(argv=None):
     # optimisation
     a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--global-batch", type=int, help="sequences per optimizer step over all ranks: --grad-accum follows from "
+      "it and the number of ranks, so a restart on fewer nodes is the same run (instead of --grad-accum)")
     a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
     a("--epochs", type=float, default=3.0)
     a("--lr", type=float, help="peak learning rate (default: 5e-4 masked LM, 5e-5 tasks)")
@@ -139,7 +141,15 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=1000)
     a("--log-every", type=int, default=10)
     a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all)")
-    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    a("--resume", nargs="?", const=True, default=False, choices=["auto"],
+      help="continue the run in --out from its newest checkpoint; --resume auto: continue it if there is one, "
+      "else start (what torchrun --max-restarts needs); a finished run says so and exits 0")
+    a("--save-every-minutes", type=float, default=30.0,
+      help="also checkpoint when this many minutes have passed since the last save (0 = off)")
+    a("--collective-timeout", type=float, default=120.0, help="seconds a rank waits in a collective for the "
+      "others before it gives up (a lost rank; NCCL): longer than a checkpoint write or an evaluation")
+    a("--cache-only", action="store_true", help="tokenize --train and --valid into --cache-dir, then exit (run "
+      "it on each node before a multi-node run)")
     a("--max-bad-steps", type=int, default=10,
       help="stop after this many consecutive steps with a non-finite loss or gradient")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -164,6 +174,8 @@ def parse_args(argv=None):
     for flag in ("train", "out") + (() if args.task else ("teacher",)):
         if not getattr(args, flag):
             p.error(f"--{flag} is required (on the command line or in --config)")
+    if args.global_batch is not None and args.grad_accum != 1:
+        p.error("--global-batch sets --grad-accum (from the number of ranks): pass one of them")
     if args.task and not args.student:
         p.error("--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER")
     problem = check_ranges(args)
@@ -182,6 +194,7 @@ RANGES = [
     ("mlm_smoothing", "float", lambda v: v >= 0, "at least 0 (0 = uniform)"),
     ("batch_size", "int", lambda v: v >= 1, "at least 1"),
     ("grad_accum", "int", lambda v: v >= 1, "at least 1"),
+    ("global_batch", "int", lambda v: v >= 1, "at least 1"),
     ("max_steps", "int", lambda v: v >= 1, "at least 1 (or leave it out to train for --epochs)"),
     ("epochs", "float", lambda v: v > 0, "above 0"),
     ("lr", "float", lambda v: v > 0, "above 0"),
@@ -203,6 +216,8 @@ RANGES = [
     ("student_heads", "int", lambda v: v >= 1, "at least 1"),
     ("eval_every", "int", lambda v: v >= 1, "at least 1"),
     ("save_every", "int", lambda v: v >= 1, "at least 1"),
+    ("save_every_minutes", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("collective_timeout", "float", lambda v: v > 0, "above 0"),
     ("log_every", "int", lambda v: v >= 1, "at least 1"),
     ("keep", "int", lambda v: v >= 0, "at least 0 (0 = keep all)"),
     ("max_bad_steps", "int", lambda v: v >= 1, "at least 1"),
@@ -218,7 +233,8 @@ def check_ranges(args):
     for --batch-size or true for --lr is caught here too; NaN and infinities are refused as well."""
     for name, kind, test, valid in RANGES:
         value = getattr(args, name)
-        if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len")
+        if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len",
+                                       "global_batch")
                               or name in RECIPE_FLAGS):  # optional, or filled in by recipe_defaults
             continue
         flag = "--" + name.replace("_", "-")

@@ -27,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
-                        load_latest, load_optimizer_state, lock_out_dir, save_checkpoint, stop_signals,
-                        truncate_metrics)
+                        finished_run, load_latest, load_optimizer_state, lock_out_dir, resuming, save_checkpoint,
+                        stop_signals, truncate_metrics)
+from cluster import ClusterError, check_shared_out, inductor_cache, process_group_options, split_global_batch
 from data import MicroBatches, micro_batch_loader
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
@@ -54,6 +55,27 @@ def run_config(args, world_size, dtype, dtype_reason):
     return config
 
 
+def start_or_resume(args, rank, world_size, master):
+    """Before any work, on every rank: --global-batch split over this many ranks (the accumulation);
+    --out checked to be one folder for all nodes; --resume auto turned into a start or a resume
+    (args.resume becomes a bool). A finished run returns "finished" after one line: the process then
+    exits 0, so torchrun --max-restarts does not start it again, and nothing is rewritten."""
+    if args.global_batch is not None:  # the same global batch on any number of ranks: the same run
+        args.grad_accum = split_global_batch(args.global_batch, args.batch_size, world_size)
+    if args.compile:
+        inductor_cache(args.out)  # compiled kernels kept in --out, for a restarted group on any node
+    if args.cache_only:
+        return "cache"
+    check_shared_out(args.out, rank, world_size)  # every rank reads what rank 0 writes there
+    done = finished_run(args.out, args.max_steps, args.epochs) if args.resume else None
+    if done is not None:
+        if master:
+            print(f"{args.out} holds a finished run (step {done}): nothing to do; a larger --max-steps extends it")
+        return "finished"
+    args.resume = resuming(args.out, args.resume)  # --resume auto: resume if there is a checkpoint
+    return "resume" if args.resume else "start"
+
+
 def setup_device(args):
     """torchrun's RANK, LOCAL_RANK and WORLD_SIZE, and this process's device."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -73,11 +95,13 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
     ddp, master = world_size > 1, rank == 0
+    if start_or_resume(args, rank, world_size, master) == "finished":
+        return None
     dtype_name, dtype_reason = pick_dtype(args.dtype, device)
     dtype, autocast = DTYPES[dtype_name], autocast_for(device, DTYPES[dtype_name])
 
     # ---- inputs, all checked before anything is written or the process group starts ----
-    check_out_dir(args.out, args.resume)
+    check_out_dir(args.out, args.resume or args.cache_only)
     check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
     teacher, kind = load_teacher_and_kind(args)
     config = run_config(args, world_size, dtype_name, dtype_reason)
@@ -86,12 +110,17 @@ def main(argv=None):
         check_resumable(ckpt["config"], config, ckpt_path)
     inputs = load_inputs(args, config["global_batch"], master, teacher, kind)
     config.update(seq_len_used=inputs.seq_len, train_corpus=inputs.train_corpus)
+    if args.cache_only:
+        if master:
+            print(f"tokenized {args.train}{' and ' + args.valid if args.valid else ''} into {args.cache_dir}")
+        return 0
     if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
         check_same_corpus(ckpt["config"], config, ckpt_path)
     if master:  # the run's first line, once every input has passed its checks (an error stays one line)
         print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     n_batches = inputs.steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * inputs.steps_per_epoch))
+    config["total_steps"] = total_steps  # run.json: what finished_run compares the newest checkpoint with
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
     # ---- the models on the device, DDP, the optimizer ----
@@ -107,6 +136,9 @@ def main(argv=None):
     state = resume_state(ckpt, ckpt_path, student, optimizer, scaler, len(names), master)
     del ckpt
     step, window, n_logged, last_ckpt = state.step, host_to_device(state.window, device), state.n_logged, ckpt_path
+    if step > total_steps:
+        raise CheckpointError(f"--resume: {ckpt_path} is at step {step}, past this run's {total_steps} steps; "
+                              f"pass --max-steps {step} or more")
     out_lock = open_run_folder(args, config, step) if master else None  # held until the process ends
     loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
     teacher_scores, teacher_predictions, valid_scores = state.teacher_scores, None, None
@@ -125,6 +157,7 @@ def main(argv=None):
                                      pin_memory=device.type == "cuda"))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     skipped, bad_steps, train_seconds, data_seconds = state.skipped, 0, 0.0, 0.0
+    last_save = time.monotonic()  # --save-every-minutes: each rank's own clock; the step's all-reduce agrees
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
         while step < total_steps:
             t_step = time.perf_counter()
@@ -137,7 +170,9 @@ def main(argv=None):
             torch.manual_seed(dropout_seed(args.seed, step, rank))
             losses = forward_backward(model, teacher, micro, run.step, cfg, denominators, names, device, autocast,
                                       scaler)
-            result = optimizer_step(student, optimizer, scaler, losses, args.clip, stop_requested(), world_size)
+            save_due = 0 < args.save_every_minutes * 60 <= time.monotonic() - last_save
+            result = optimizer_step(student, optimizer, scaler, losses, args.clip, stop_requested(), world_size,
+                                    save_due)
             step += 1
             skipped += not result["stepped"]
             bad_steps = bad_steps + 1 if result["bad"] else 0
@@ -167,10 +202,11 @@ def main(argv=None):
                                    **prefixed("teacher_", teacher_scores or {}, drop=("examples", "agreement"))},
                     loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
-            saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
+            saved = (step % args.save_every == 0 or step == total_steps or result["save"]) and bad_steps == 0
             if saved or result["stop"]:
                 last_ckpt = save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window,
                                  n_logged, n_batches, master, ddp)
+                last_save = time.monotonic()
             if result["stop"]:
                 if master:
                     print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
@@ -215,8 +251,10 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
         compile_layers(student)
     if world_size == 1:
         return student
+    # A timeout, so that the ranks left waiting for a lost one end (cluster.process_group_options)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None,
+                            **process_group_options(args.collective_timeout))
     # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
     # toolkits do, would all-reduce nothing at a cost).
     return DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -348,7 +386,7 @@ def log(args, master, record, loggers=()):
 if __name__ == "__main__":
     try:
         main()
-    except (StudentError, DataError, CheckpointError, FloatingPointError, LogError, HubError) as e:
+    except (StudentError, DataError, CheckpointError, ClusterError, FloatingPointError, LogError, HubError) as e:
         rank = os.environ.get("RANK")
         sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints already written are intact
