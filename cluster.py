@@ -45,16 +45,33 @@ def split_global_batch(global_batch, batch_size, world_size):
                        "of those, or change --batch-size")
 
 
-def agent_store(timeout_s=300):
-    """A client of torchrun's own key-value store (hosted by the agent of node 0), or None when the
-    process was not started by a torchrun agent that shares it."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+_STORES = []  # the stores opened here live as long as the process: rank 0's may serve init_process_group too
+
+
+def rendezvous_store(rank, world_size, timeout_s=600):
+    """The key-value store of torchrun's rendezvous (MASTER_ADDR:MASTER_PORT), open before the
+    process group is: torchrun's agent's when it shares it, else the one rank 0 serves (multi-tenant,
+    so init_process_group reuses it). None outside torchrun or in one process."""
+    if world_size == 1 or "MASTER_ADDR" not in os.environ:
         return None
     import torch.distributed as dist
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=timeout_s))
-    # a key of a round that failed stays in the store: each restart gets its own names
-    return dist.PrefixStore(f"bert-distil/out/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent and rank == 0, timeout=timedelta(seconds=timeout_s),
+                          multi_tenant=not agent)
+    _STORES.append(store)
+    return dist.PrefixStore("bert-distil", store)
+
+
+def check_restartable():
+    """torchrun --max-restarts with the rendezvous store shared with the workers (torch's default) gives
+    a restarted group the previous round's keys, and it cannot connect (pytorch/pytorch#135712): refuse
+    that in one line, naming torch's own switch."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ClusterError("torchrun --max-restarts needs a rendezvous store per restart, or the restarted ranks "
+                           "read the old round's addresses and cannot connect: launch torchrun with "
+                           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
 
 
 def check_shared_out(out_dir, rank, world_size, store=None):
@@ -62,9 +79,9 @@ def check_shared_out(out_dir, rank, world_size, store=None):
 
     Rank 0 writes a random nonce to OUT/.nonce and publishes it through torchrun's store; every rank
     reads the file and reports what it saw. A rank that sees another folder (a node-local disk) makes
-    every rank raise the same ClusterError, naming the hosts that do not see it. Without a torchrun
-    agent's store (one process, or a launcher of its own) nothing is checked."""
-    store = store if store is not None else agent_store()
+    every rank raise the same ClusterError, naming the hosts that do not see it. Without a
+    rendezvous store (one process, a launcher without MASTER_ADDR) nothing is checked."""
+    store = store if store is not None else rendezvous_store(rank, world_size)
     if world_size == 1 or store is None:
         return
     path = os.path.join(out_dir, ".nonce")

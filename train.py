@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
                         finished_run, load_latest, load_optimizer_state, lock_out_dir, resuming, save_checkpoint,
                         stop_signals, truncate_metrics)
-from cluster import ClusterError, check_shared_out, inductor_cache, process_group_options, split_global_batch
+from cluster import ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options, split_global_batch
 from data import MicroBatches, micro_batch_loader
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
@@ -64,8 +64,10 @@ def start_or_resume(args, rank, world_size, master):
         args.grad_accum = split_global_batch(args.global_batch, args.batch_size, world_size)
     if args.compile:
         inductor_cache(args.out)  # compiled kernels kept in --out, for a restarted group on any node
-    if args.cache_only:
+    if args.cache_only:  # tokenizes; neither reads nor writes --out
+        args.resume = False
         return "cache"
+    check_restartable()
     check_shared_out(args.out, rank, world_size)  # every rank reads what rank 0 writes there
     done = finished_run(args.out, args.max_steps, args.epochs) if args.resume else None
     if done is not None:
