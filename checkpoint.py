@@ -156,11 +156,12 @@ def resuming(out_dir, resume):
     return resume is True or (resume == "auto" and bool(list_checkpoints(out_dir)))
 
 
-def finished_run(out_dir, max_steps=None, epochs=None):
-    """The step a finished run in `out_dir` ended at, or None if there is none, or if this command asks
-    it for more (--max-steps above that step, or --epochs other than the run's). A run is finished when
-    its student is saved and run.json's total_steps is its newest checkpoint's step. Reads run.json and
-    file names only: cheap enough to ask before anything is loaded."""
+def finished_run(out_dir, args):
+    """The step a finished run in `out_dir` ended at, or None if there is none, or if `args` (train.py's
+    flags) ask it for more: --max-steps above that step, or --epochs other than the run's. A run is
+    finished when its student is saved and run.json's total_steps is its newest checkpoint's step.
+    Flags given that change what the run computes are refused (CheckpointError) as check_resumable
+    would. Reads run.json and file names only: cheap enough to ask before anything is loaded."""
     paths = list_checkpoints(out_dir)
     if not paths or not os.path.exists(os.path.join(out_dir, "model.safetensors")):
         return None
@@ -172,11 +173,20 @@ def finished_run(out_dir, max_steps=None, epochs=None):
     step = int(CKPT_PATTERN.search(paths[-1]).group(1))
     if config.get("total_steps") != step:
         return None
-    if max_steps is not None:
-        return step if max_steps <= step else None
-    if config.get("max_steps") is not None:  # the run was sized by steps; --epochs alone does not extend it
-        return step
-    return step if epochs is None or epochs == config.get("epochs") else None
+    if args.max_steps is not None and args.max_steps > step:
+        return None
+    if args.max_steps is None and config.get("max_steps") is None and args.epochs != config.get("epochs"):
+        return None
+    # Flags left unset (None: filled in later from the recipe) and the dtype "auto" are not compared;
+    # the corpus is compared by its tokens, not its path (check_same_corpus), so not here.
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "train" and k in config}
+    given["dtype"] = config.get("dtype") if args.dtype == "auto" else args.dtype
+    diffs = [k for k in config_differences({k: config[k] for k in given}, given)]
+    if diffs:
+        detail = "; ".join(f"{k}: {config.get(k)!r} -> {given.get(k)!r}" for k in diffs[:6])
+        raise CheckpointError(f"--resume: {paths[-1]} was made with other settings ({detail}); "
+                              "resume with the original flags, or start a new run in another --out")
+    return step
 
 
 def check_out_dir(out_dir, resume):

@@ -174,7 +174,8 @@ def parse_args(argv=None):
     for flag in ("train", "out") + (() if args.task else ("teacher",)):
         if not getattr(args, flag):
             p.error(f"--{flag} is required (on the command line or in --config)")
-    if args.global_batch is not None and args.grad_accum != 1:
+    command_line = sys.argv[1:] if argv is None else argv  # a --config file's grad_accum gives way to it
+    if args.global_batch is not None and any(a.split("=")[0] == "--grad-accum" for a in command_line):
         p.error("--global-batch sets --grad-accum (from the number of ranks): pass one of them")
     if args.task and not args.student:
         p.error("--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER")

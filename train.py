@@ -58,24 +58,22 @@ def run_config(args, world_size, dtype, dtype_reason):
 def start_or_resume(args, rank, world_size, master):
     """Before any work, on every rank: --global-batch split over this many ranks (the accumulation);
     --out checked to be one folder for all nodes; --resume auto turned into a start or a resume
-    (args.resume becomes a bool). A finished run returns "finished" after one line: the process then
-    exits 0, so torchrun --max-restarts does not start it again, and nothing is rewritten."""
+    (args.resume becomes a bool). Returns the step of a finished run in --out (after one line saying
+    so; nothing is rewritten), else None."""
     if args.global_batch is not None:  # the same global batch on any number of ranks: the same run
         args.grad_accum = split_global_batch(args.global_batch, args.batch_size, world_size)
     if args.compile:
         inductor_cache(args.out)  # compiled kernels kept in --out, for a restarted group on any node
     if args.cache_only:  # tokenizes; neither reads nor writes --out
         args.resume = False
-        return "cache"
+        return None
     check_restartable()
     check_shared_out(args.out, rank, world_size)  # every rank reads what rank 0 writes there
-    done = finished_run(args.out, args.max_steps, args.epochs) if args.resume else None
-    if done is not None:
-        if master:
-            print(f"{args.out} holds a finished run (step {done}): nothing to do; a larger --max-steps extends it")
-        return "finished"
+    done = finished_run(args.out, args) if args.resume else None
+    if done is not None and master:
+        print(f"{args.out} holds a finished run (step {done}): nothing to do; a larger --max-steps extends it")
     args.resume = resuming(args.out, args.resume)  # --resume auto: resume if there is a checkpoint
-    return "resume" if args.resume else "start"
+    return done
 
 
 def setup_device(args):
@@ -97,8 +95,9 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
     ddp, master = world_size > 1, rank == 0
-    if start_or_resume(args, rank, world_size, master) == "finished":
-        return None
+    finished = start_or_resume(args, rank, world_size, master)
+    if finished is not None:  # one line said so: exit 0, so that torchrun --max-restarts does not retry
+        return finished
     dtype_name, dtype_reason = pick_dtype(args.dtype, device)
     dtype, autocast = DTYPES[dtype_name], autocast_for(device, DTYPES[dtype_name])
 
