@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import zipfile
 from contextlib import contextmanager
 
 import torch
@@ -159,7 +160,8 @@ def resuming(out_dir, resume):
 def finished_run(out_dir, args):
     """The step a finished run in `out_dir` ended at, or None if there is none, or if `args` (train.py's
     flags) ask it for more: --max-steps above that step, or --epochs other than the run's. A run is
-    finished when its student is saved and run.json's total_steps is its newest checkpoint's step.
+    finished when its student is saved and run.json's total_steps is its newest checkpoint's step (a
+    damaged one is not: --resume goes back to the one before and replays the steps).
     Flags given that change what the run computes are refused (CheckpointError) as check_resumable
     would. Reads run.json and file names only: cheap enough to ask before anything is loaded."""
     paths = list_checkpoints(out_dir)
@@ -171,8 +173,8 @@ def finished_run(out_dir, args):
     except (OSError, ValueError):
         return None
     step = int(CKPT_PATTERN.search(paths[-1]).group(1))
-    if config.get("total_steps") != step:
-        return None
+    if config.get("total_steps") != step or not zipfile.is_zipfile(paths[-1]):
+        return None  # unfinished, or its last checkpoint damaged (cut short: no zip directory at its end)
     if args.max_steps is not None and args.max_steps > step:
         return None
     if args.max_steps is None and config.get("max_steps") is None and args.epochs != config.get("epochs"):

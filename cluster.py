@@ -59,8 +59,20 @@ def rendezvous_store(rank, world_size, timeout_s=600):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent and rank == 0, timeout=timedelta(seconds=timeout_s),
                           multi_tenant=not agent)
-    _STORES.append(store)
-    return dist.PrefixStore("bert-distil", store)
+    _STORES.append(dist.PrefixStore("bert-distil", store))
+    return _STORES[-1]
+
+
+def wait_for_ranks(what, rank, world_size, timeout_s=6 * 3600):
+    """Every rank waits here until all have arrived, through the rendezvous store rather than a
+    collective: before the process group starts (train.py: once the data is tokenized), a node that
+    tokenizes for an hour keeps the others waiting here, not in init_process_group, which would give
+    up after --collective-timeout. Does nothing without a store (see rendezvous_store)."""
+    store = _STORES[-1] if _STORES else None
+    if world_size == 1 or store is None:
+        return
+    store.set(f"{what}/{rank}", "1")
+    store.wait([f"{what}/{r}" for r in range(world_size)], timedelta(seconds=timeout_s))
 
 
 def check_restartable():
@@ -78,7 +90,7 @@ def check_shared_out(out_dir, rank, world_size, store=None):
     """Refuse, on every rank and before any work, an --out that is not one folder for all ranks.
 
     Rank 0 writes a random nonce to OUT/.nonce and publishes it through torchrun's store; every rank
-    reads the file and reports what it saw. A rank that sees another folder (a node-local disk) makes
+    reads the file and reports what it saw; then rank 0 deletes it. A rank that sees another folder (a node-local disk) makes
     every rank raise the same ClusterError, naming the hosts that do not see it. Without a
     rendezvous store (one process, a launcher without MASTER_ADDR) nothing is checked."""
     store = store if store is not None else rendezvous_store(rank, world_size)
@@ -102,6 +114,8 @@ def check_shared_out(out_dir, rank, world_size, store=None):
     store.set(f"seen/{rank}", "" if seen else socket.gethostname())
     store.wait([f"seen/{r}" for r in range(world_size)])
     blind = sorted({store.get(f"seen/{r}").decode() for r in range(world_size)} - {""})
+    if rank == 0:  # every rank has looked: the file has done its work, and --out holds only the run's files
+        os.remove(path)
     if blind:
         raise ClusterError(f"--out {out_dir} must be a folder all nodes share: rank 0 wrote {path}, which "
                            f"{', '.join(blind)} do{'es' if len(blind) == 1 else ''} not see; put --out on a "

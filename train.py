@@ -29,7 +29,8 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
                         finished_run, load_latest, load_optimizer_state, lock_out_dir, resuming, save_checkpoint,
                         stop_signals, truncate_metrics)
-from cluster import ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options, split_global_batch
+from cluster import (ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options,
+                     split_global_batch, wait_for_ranks)
 from data import MicroBatches, micro_batch_loader
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
@@ -115,6 +116,7 @@ def main(argv=None):
         if master:
             print(f"tokenized {args.train}{' and ' + args.valid if args.valid else ''} into {args.cache_dir}")
         return 0
+    wait_for_ranks("loaded", rank, world_size)  # a slow node's tokenization is not a collective's timeout
     if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
         check_same_corpus(ckpt["config"], config, ckpt_path)
     if master:  # the run's first line, once every input has passed its checks (an error stays one line)

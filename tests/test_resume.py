@@ -315,6 +315,7 @@ def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
     resolves to something other than the recorded dtype."""
     from precision import pick_dtype
     short, out, _ = short_run
+    short = {**short, "max_steps": 4}  # past the run's end: a finished run resumed as it was only says so
     copy = edited_copy(out, tmp_path, lambda state: state["config"].update(dtype="bf16"))
     line = one_line_error(run(flags(short, out=copy, resume=True)))
     assert "trained in bf16" in line and "compute in fp32" in line and "--dtype bf16" in line
@@ -335,6 +336,7 @@ def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
 
 def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
     short, out, _ = short_run
+    short = {**short, "max_steps": 4}  # past the run's end: a finished run resumed as it was only says so
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     train = str(tmp_path / "own.txt")
