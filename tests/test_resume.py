@@ -347,12 +347,12 @@ def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
     text = open(train).read()
     with open(train, "w") as f:  # one more document: another number of sequences
         f.write(text + "the cat sat on the mat with the old man.\n")
-    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    line = one_line_error(run(flags(moved, out=copy, resume=True, max_steps=5)))
     assert "training corpus" in line and "changed" in line and "sequences" in line
 
     with open(train, "w") as f:  # the same length, one word swapped for another of the same length
         f.write(text.replace("cat", "dog", 1))
-    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    line = one_line_error(run(flags(moved, out=copy, resume=True, max_steps=5)))
     assert "training corpus" in line and "the same number of tokens, but other ones" in line
 
 
