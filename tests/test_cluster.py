@@ -258,3 +258,23 @@ def test_two_hosts_build_one_shared_cache_at_once(lock, tiny_teacher, tiny_corpu
                             tiny_teacher], capture_output=True, text=True, env=ENV, timeout=120)
     assert alone.stdout == results[0][0]  # what one process alone builds
     assert not [name for name in os.listdir(cache) if name.endswith(".tmp") or ".tmp." in name]
+
+
+def test_out_lock_without_flock_is_a_soft_lock(tmp_path, monkeypatch):
+    """On a filesystem without flock, --out's lock is filelock's marker file: a second holder is refused,
+    and the folder is free again once the first lets go."""
+    import errno
+    import cluster
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(cluster.fcntl, "flock", no_flock)
+    path = str(tmp_path / ".lock")
+    first = cluster.try_lock(path)
+    assert first is not None and os.path.exists(path + ".soft")
+    assert cluster.try_lock(path) is None
+    first.release()
+    assert not os.path.exists(path + ".soft")
+    again = cluster.try_lock(path)
+    assert again is not None
+    again.release()
