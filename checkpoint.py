@@ -8,15 +8,17 @@ flushed to disk and renamed: a crash while writing leaves the previous checkpoin
 never a partial file under a checkpoint's name.
 """
 
-import fcntl
 import glob
 import json
 import os
 import re
 import signal
+import zipfile
 from contextlib import contextmanager
 
 import torch
+
+from cluster import try_lock
 
 CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 
@@ -24,6 +26,10 @@ CKPT_PATTERN = re.compile(r"step-(\d{8})\.pt$")
 # they are written, or how the same global batch is split over ranks and micro-steps (the run
 # records the global batch itself, which must match), not what is computed.
 FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config", "log", "progress",
+              "save_every_minutes", "collective_timeout", "cache_only",
+              # the length of the run: a larger --max-steps extends it (the learning rate then follows the
+              # schedule of the new length from the step resumed on: see docs/faults.md)
+              "max_steps", "epochs", "total_steps",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
               "grad_accum", "world_size", "out", "compile", "num_workers", "dtype_requested", "dtype_reason",
               "train_corpus", "seq_len_used"}  # train_corpus: compared by check_same_corpus once the corpus is
@@ -83,28 +89,6 @@ def load_latest(out_dir):
         except Exception as e:  # a file damaged after it was written (disk fault, manual copy)
             print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})")
     raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)} could be read")
-
-
-def finished_step(out_dir):
-    """The last step of a finished run in `out_dir`, or None while it is not finished. A run is
-    finished once its student is saved (config.json, which save_student moves in last); its step is
-    the newest checkpoint's, else (checkpoints deleted to free the space) the last one logged."""
-    if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        return None
-    paths = list_checkpoints(out_dir)
-    if paths:
-        return int(CKPT_PATTERN.search(paths[-1]).group(1))
-    steps = [0]
-    try:
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    steps.append(int(json.loads(line)["step"]))
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except OSError:
-        pass
-    return max(steps)
 
 
 def checkpoints_size(out_dir):
@@ -171,11 +155,77 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
+def resuming(out_dir, resume):
+    """Whether this run continues the one in `out_dir`: --resume (True), or --resume auto when the
+    folder holds a checkpoint (and starts a new run when it holds none: what torchrun --max-restarts
+    needs, re-running one command line after any failure)."""
+    return resume is True or (resume == "auto" and bool(list_checkpoints(out_dir)))
+
+
+def finished_run(out_dir, args):
+    """The step a finished run in `out_dir` ended at, or None if there is none, or if `args` (train.py's
+    flags) ask it for more: --max-steps above that step, or --epochs other than the run's. A run is
+    finished when its student is saved (config.json, which save_student moves in last) and run.json's
+    total_steps is its newest checkpoint's step (a damaged one is not: --resume goes back to the one
+    before and replays the steps); with its checkpoints deleted to free the space, its step is the
+    last one logged, and a longer run has nothing to start from (CheckpointError).
+    Flags given that change what the run computes are refused (CheckpointError) as check_resumable
+    would. Reads run.json and file names only: cheap enough to ask before anything is loaded."""
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        return None
+    paths = list_checkpoints(out_dir)
+    if not paths:
+        step = last_logged_step(out_dir)
+        if args.max_steps is not None and args.max_steps > step:
+            raise CheckpointError(f"--resume: {out_dir} holds a finished run (step {step}) whose checkpoints are "
+                                  "deleted; a longer run is a new run, in another --out")
+        return step
+    try:
+        with open(os.path.join(out_dir, "run.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    step = int(CKPT_PATTERN.search(paths[-1]).group(1))
+    if config.get("total_steps") != step or not zipfile.is_zipfile(paths[-1]):
+        return None  # unfinished, or its last checkpoint damaged (cut short: no zip directory at its end)
+    if args.max_steps is not None and args.max_steps > step:
+        return None
+    if args.max_steps is None and config.get("max_steps") is None and args.epochs != config.get("epochs"):
+        return None
+    # Flags left unset (None: filled in later from the recipe) and the dtype "auto" are not compared;
+    # the corpus is compared by its tokens, not its path (check_same_corpus), so not here.
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "train" and k in config}
+    given["dtype"] = config.get("dtype") if args.dtype == "auto" else args.dtype
+    diffs = [k for k in config_differences({k: config[k] for k in given}, given)]
+    if diffs:
+        detail = "; ".join(f"{k}: {config.get(k)!r} -> {given.get(k)!r}" for k in diffs[:6])
+        raise CheckpointError(f"--resume: {paths[-1]} was made with other settings ({detail}); "
+                              "resume with the original flags, or start a new run in another --out")
+    return step
+
+
+def last_logged_step(out_dir):
+    """The highest step in OUT/metrics.jsonl (0 if there is none): a finished run's last step once
+    its checkpoints are deleted."""
+    steps = [0]
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    steps.append(int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return max(steps)
+
+
 def check_out_dir(out_dir, resume):
     """Refuse to start a new run on top of one that has something to lose: a checkpoint or a model.
 
     A folder with only the log of a run that died before its first checkpoint is started over,
-    else its owner could neither --resume it (no checkpoint) nor start again.
+    else its owner could neither --resume it (no checkpoint) nor start again. --resume auto
+    continues whatever the folder holds.
     """
     if resume:
         return
@@ -189,12 +239,11 @@ def check_out_dir(out_dir, resume):
 def lock_out_dir(out_dir):
     """Hold OUT/.lock for as long as the returned file stays open: a second run (or a second --resume)
     in the same folder stops at once instead of interleaving its checkpoints and log with this one's."""
-    lock = open(os.path.join(out_dir, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(f"--out {out_dir} is in use by another run (it holds the lock on {lock.name}); "
-                              "wait for it to finish or choose another --out") from None
+    path = os.path.join(out_dir, ".lock")
+    lock = try_lock(path)  # flock, or a soft lock on a filesystem without it
+    if lock is None:
+        raise CheckpointError(f"--out {out_dir} is in use by another run (it holds the lock on {path}); "
+                              "wait for it to finish or choose another --out")
     return lock
 
 

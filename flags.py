@@ -152,6 +152,8 @@ def parse_args(argv=None):
     # optimisation
     a("--batch-size", type=int, default=32, help="sequences per device per micro-step")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--global-batch", type=int, help="sequences per optimizer step over all ranks: --grad-accum follows from "
+      "it and the number of ranks, so a restart on fewer nodes is the same run (instead of --grad-accum)")
     a("--max-steps", type=int, help="optimizer steps (wins over --epochs)")
     a("--epochs", type=float, default=3.0, help="passes over the training data")
     a("--lr", type=float, help="peak learning rate (default: 5e-4 masked LM, 5e-5 tasks)")
@@ -192,7 +194,15 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=10, help="steps between lines of metrics.jsonl")
     a("--keep", type=int, default=3, help="checkpoints to keep, the newest (0 = all); each holds the student and its optimizer "
       "state (about 3x the model): once the run is done, rm -r OUT/checkpoints frees them")
-    a("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    a("--resume", nargs="?", const=True, default=False, choices=["auto"],
+      help="continue the run in --out from its newest checkpoint; --resume auto: continue it if there is one, "
+      "else start (what torchrun --max-restarts needs); a finished run says so and exits 0")
+    a("--save-every-minutes", type=float, default=30.0,
+      help="also checkpoint when this many minutes have passed since the last save (0 = off)")
+    a("--collective-timeout", type=float, default=120.0, help="seconds a rank waits in a collective for the "
+      "others before it gives up (a lost rank; NCCL): longer than a checkpoint write or an evaluation")
+    a("--cache-only", action="store_true", help="tokenize --train and --valid into --cache-dir, then exit (run "
+      "it on each node before a multi-node run)")
     a("--max-bad-steps", type=int, default=10,
       help="stop after this many consecutive steps with a non-finite loss or gradient")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -221,6 +231,12 @@ def parse_args(argv=None):
     for flag in ("train", "out") + (() if args.task else ("teacher",)):
         if not getattr(args, flag):
             p.error(f"--{flag} is required (on the command line or in --config)")
+    command_line = sys.argv[1:] if argv is None else argv  # a --config file's grad_accum gives way to it
+    given = {a.split("=")[0] for a in command_line}
+    if "--grad-accum" in given and "--global-batch" not in given and not (pre.config and "global_batch" in config):
+        args.global_batch = None  # a resume's run.json records the global batch; --grad-accum given again wins
+    if args.global_batch is not None and "--grad-accum" in given:
+        p.error("--global-batch sets --grad-accum (from the number of ranks): pass one of them")
     if args.task and not args.student:
         p.error("--task fine-tunes a pre-trained checkpoint: pass it as --student FOLDER")
     problem = check_ranges(args)
@@ -239,6 +255,7 @@ RANGES = [
     ("mlm_smoothing", "float", lambda v: v >= 0, "at least 0 (0 = uniform)"),
     ("batch_size", "int", lambda v: v >= 1, "at least 1"),
     ("grad_accum", "int", lambda v: v >= 1, "at least 1"),
+    ("global_batch", "int", lambda v: v >= 1, "at least 1"),
     ("max_steps", "int", lambda v: v >= 1, "at least 1 (or leave it out to train for --epochs)"),
     ("epochs", "float", lambda v: v > 0, "above 0"),
     ("lr", "float", lambda v: v > 0, "above 0"),
@@ -260,6 +277,8 @@ RANGES = [
     ("student_heads", "int", lambda v: v >= 1, "at least 1"),
     ("eval_every", "int", lambda v: v >= 1, "at least 1"),
     ("save_every", "int", lambda v: v >= 1, "at least 1"),
+    ("save_every_minutes", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("collective_timeout", "float", lambda v: v > 0, "above 0"),
     ("log_every", "int", lambda v: v >= 1, "at least 1"),
     ("keep", "int", lambda v: v >= 0, "at least 0 (0 = keep all)"),
     ("max_bad_steps", "int", lambda v: v >= 1, "at least 1"),
@@ -275,7 +294,8 @@ def check_ranges(args):
     for --batch-size or true for --lr is caught here too; NaN and infinities are refused as well."""
     for name, kind, test, valid in RANGES:
         value = getattr(args, name)
-        if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len")
+        if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len",
+                                       "global_batch")
                               or name in RECIPE_FLAGS):  # optional, or filled in by recipe_defaults
             continue
         flag = "--" + name.replace("_", "-")

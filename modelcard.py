@@ -266,7 +266,8 @@ def write_task_model_card(out_dir, run, teacher, student, kind, steps, scores, t
 # (training state: optimizer moments and the run's settings, several times the model's size, for
 # --resume on this machine), the lock, the folder of an interrupted save, W&B's local files; and
 # run.json, which is uploaded as a copy without local paths (public_run_config).
-NOT_PUBLISHED = ("checkpoints", ".saving", "wandb", "wandb-run-id", ".lock", "run.json")
+NOT_PUBLISHED = ("checkpoints", ".saving", "wandb", "wandb-run-id", ".lock", ".lock.soft", ".nonce", "inductor-cache",
+                 "run.json")
 
 
 def public_run_config(run):

@@ -7,22 +7,28 @@
 2. `load_corpus` tokenizes the documents once, in batches, with the teacher's fast tokenizer and
    caches the ids as a flat numpy array (uint16 where the vocabulary fits), each document followed
    by one separator token. The cache is keyed on the file, the tokenizer and the reading options,
-   built by one process while any others wait on a file lock, and memory-mapped on later runs.
+   built by one process while any others wait on a file lock (cluster.file_lock: flock, or a soft
+   lock where the filesystem has none), and memory-mapped on later runs. Its files are written under
+   names unique to the host and process and renamed into place, so two nodes that build the same
+   cache at once (node-local locks on a shared folder) never mix their bytes, and a reader never maps
+   a half-written file.
 
 What happens to the ids next (sequences, BERT's masking, batches) is data.py.
 """
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
+
+from cluster import file_lock
 
 CACHE_VERSION = 2  # 2: special-token strings in the text are tokenized as text
 
@@ -423,13 +429,22 @@ def load_corpus(path, tokenizer, cache_dir, text_column="text", min_tokens=1, ba
     check_corpus_file(path)
     os.makedirs(cache_dir, exist_ok=True)
     key = os.path.join(cache_dir, f"{os.path.basename(path)}.{_fingerprint(path, tokenizer, text_column, min_tokens)}")
-    with open(key + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(key + ".lock", wait_s=LOCK_WAIT_S):
         if not os.path.exists(key + ".json"):
             _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress)
     meta = json.load(open(key + ".json"))
     tokens = np.memmap(key + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
     return Corpus(tokens, np.load(key + ".docs.npy"), path, meta, key)
+
+
+# How long a process waits for another's cache lock before building the cache itself: only a soft lock
+# (no flock) can outlive its holder, on another host; building twice is safe, only slower.
+LOCK_WAIT_S = 1800
+
+
+def unique_tmp(path):
+    """A temporary name for `path` that no other process, on this host or another, uses."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
 def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, progress):
@@ -461,8 +476,10 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
             out.write(flat.tobytes())
             lengths.extend(len(x) + 1 for _, x in kept)
 
+    tokens_tmp, docs_tmp, meta_tmp = unique_tmp(key + ".tokens"), unique_tmp(key + ".docs") + ".npy", \
+        unique_tmp(key + ".json")
     try:
-        with open(key + ".tokens.tmp", "wb") as out:
+        with open(tokens_tmp, "wb") as out:
             texts = []
             for text, n_bytes in read_documents(path, text_column, counts):
                 texts.append(text)
@@ -472,30 +489,32 @@ def _build_cache(path, tokenizer, key, text_column, min_tokens, batch_docs, prog
                     texts = []
             flush(texts, out)
     except BaseException:  # bad input found mid-file, or Ctrl-C: leave no half-written file behind
-        os.remove(key + ".tokens.tmp")
+        os.remove(tokens_tmp)
         bar.leave = False  # and no half-drawn bar above the one-line error
         raise
     finally:
         bar.close()
     if n_docs_seen == 0:
-        os.remove(key + ".tokens.tmp")
+        os.remove(tokens_tmp)
         skipped = f" ({counts['skipped']} empty or null texts)" if counts["skipped"] else ""
         raise DataError(f"{path} holds no text (only blank lines or empty fields{skipped})")
     if not lengths:
-        os.remove(key + ".tokens.tmp")
+        os.remove(tokens_tmp)
         raise DataError(f"{path}: all {n_docs_seen} documents are shorter than --min-tokens {min_tokens} "
                         "tokens; lower --min-tokens or pass a corpus of longer documents")
     doc_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    np.save(key + ".docs.tmp.npy", doc_starts)
-    os.replace(key + ".docs.tmp.npy", key + ".docs.npy")
-    os.replace(key + ".tokens.tmp", key + ".tokens")
+    with open(tokens_tmp, "rb+") as f:  # on disk before the name points at it (a crash after the rename)
+        os.fsync(f.fileno())
+    np.save(docs_tmp, doc_starts)
+    os.replace(docs_tmp, key + ".docs.npy")
+    os.replace(tokens_tmp, key + ".tokens")
     meta = {"source": os.path.abspath(path), "dtype": np.dtype(dtype).name, "n_tokens": int(doc_starts[-1]),
             "n_docs": len(lengths), "n_docs_dropped": n_docs_seen - len(lengths),
             "n_docs_skipped": counts["skipped"], "n_records_multiline": counts.get("multiline", 0),
             "longest_record_lines": counts.get("longest")}
-    with open(key + ".json.tmp", "w") as f:
+    with open(meta_tmp, "w") as f:
         json.dump(meta, f)
-    os.replace(key + ".json.tmp", key + ".json")  # written last: its presence means the cache is whole
+    os.replace(meta_tmp, key + ".json")  # written last: its presence means the cache is whole
 
 
 # Summaries of the cached ids, each computed once in one pass of bounded memory and kept beside the
@@ -529,10 +548,9 @@ def _once_beside_cache(corpus, suffix, compute, load, save):
     if corpus.cache_key is None:
         return compute(corpus)
     path = corpus.cache_key + suffix
-    with open(corpus.cache_key + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(corpus.cache_key + ".lock", wait_s=LOCK_WAIT_S):
         if not os.path.exists(path):
-            tmp = path + ".tmp"
+            tmp = unique_tmp(path) + (".npy" if path.endswith(".npy") else "")
             save(tmp, compute(corpus))
             os.replace(tmp, path)
     return load(path)

@@ -32,8 +32,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
-                        checkpoints_size, finished_step, list_checkpoints, load_latest, load_optimizer_state,
-                        lock_out_dir, save_checkpoint, stop_signals, truncate_metrics)
+                        checkpoints_size, finished_run, list_checkpoints, load_latest, load_optimizer_state,
+                        lock_out_dir, resuming, save_checkpoint, stop_signals, truncate_metrics)
+from cluster import (ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options,
+                     split_global_batch, wait_for_ranks)
 from data import MicroBatches, micro_batch_loader
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
@@ -59,6 +61,29 @@ def run_config(args, world_size, dtype, dtype_reason):
     return config
 
 
+def start_or_resume(args, rank, world_size, master):
+    """Before any work, on every rank: --global-batch split over this many ranks (the accumulation);
+    --out checked to be one folder for all nodes; --resume auto turned into a start or a resume
+    (args.resume becomes a bool). Returns the step of a finished run in --out (after one line saying
+    so; nothing is rewritten), else None."""
+    if args.global_batch is not None:  # the same global batch on any number of ranks: the same run
+        args.grad_accum = split_global_batch(args.global_batch, args.batch_size, world_size)
+    if args.compile:
+        inductor_cache(args.out)  # compiled kernels kept in --out, for a restarted group on any node
+    if args.cache_only:  # tokenizes; neither reads nor writes --out
+        args.resume = False
+        return None
+    check_restartable()
+    check_shared_out(args.out, rank, world_size)  # every rank reads what rank 0 writes there
+    done = finished_run(args.out, args) if args.resume else None
+    if done is not None and master:
+        more = ("a larger --max-steps extends it" if list_checkpoints(args.out) else
+                "its checkpoints are deleted, so a longer run is a new run, in another --out")
+        print(f"{args.out} holds a finished run (step {done}): nothing to do; {more}")
+    args.resume = resuming(args.out, args.resume)  # --resume auto: resume if there is a checkpoint
+    return done
+
+
 def setup_device(args):
     """torchrun's RANK, LOCAL_RANK and WORLD_SIZE, and this process's device."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -75,34 +100,36 @@ def setup_device(args):
 def main(argv=None):
     args = parse_args(argv)
     RUN["out"] = args.out
-    # A finished run (its student saved) is reported and left untouched, once the flags are known to be
-    # its own (the checks below); with its checkpoints deleted there is nothing to check them against.
-    finished = finished_step(args.out) if args.resume else None
-    if finished is not None and not list_checkpoints(args.out):
-        return report_finished(args.out, finished)
     transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
     ddp, master = world_size > 1, rank == 0
+    finished = start_or_resume(args, rank, world_size, master)
+    if finished is not None:  # one line said so: exit 0, so that torchrun --max-restarts does not retry
+        return finished
     dtype_name, dtype_reason = pick_dtype(args.dtype, device)
     dtype, autocast = DTYPES[dtype_name], autocast_for(device, DTYPES[dtype_name])
 
     # ---- inputs, all checked before anything is written or the process group starts ----
-    check_out_dir(args.out, args.resume)
+    check_out_dir(args.out, args.resume or args.cache_only)
     check_log_spec(args.log)  # a missing tensorboard/wandb stops the run now, not after loading
     teacher, kind = load_teacher_and_kind(args)
     config = run_config(args, world_size, dtype_name, dtype_reason)
     ckpt_path, ckpt = load_latest(args.out) if args.resume else (None, None)
     if ckpt is not None:
         check_resumable(ckpt["config"], config, ckpt_path)
-    inputs = load_inputs(args, config["global_batch"], master and finished is None, teacher, kind)
+    inputs = load_inputs(args, config["global_batch"], master, teacher, kind)
     config.update(seq_len_used=inputs.seq_len, train_corpus=inputs.train_corpus)
+    if args.cache_only:
+        if master:
+            print(f"tokenized {args.train}{' and ' + args.valid if args.valid else ''} into {args.cache_dir}")
+        return 0
+    wait_for_ranks("loaded", rank, world_size)  # a slow node's tokenization is not a collective's timeout
     if ckpt is not None:  # the same file, or one with the same tokens (at another path, on another node)
         check_same_corpus(ckpt["config"], config, ckpt_path)
     n_batches = inputs.steps_per_epoch * args.grad_accum  # micro-batches per rank and epoch
     total_steps = args.max_steps or max(1, int(args.epochs * inputs.steps_per_epoch))
-    if finished is not None and ckpt["step"] >= total_steps:  # (not when the newest checkpoint is older)
-        return report_finished(args.out, ckpt["step"])
+    config["total_steps"] = total_steps  # run.json: what finished_run compares the newest checkpoint with
     if master:  # the run's first line, once every input has passed its checks (an error stays one line)
         print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
@@ -129,6 +156,9 @@ def main(argv=None):
     state = resume_state(ckpt, ckpt_path, student, optimizer, scaler, len(names), master)
     del ckpt
     step, window, n_logged, last_ckpt = state.step, host_to_device(state.window, device), state.n_logged, ckpt_path
+    if step > total_steps:
+        raise CheckpointError(f"--resume: {ckpt_path} is at step {step}, past this run's {total_steps} steps; "
+                              f"pass --max-steps {step} or more")
     out_lock = open_run_folder(args, config, step) if master else None  # held until the process ends
     loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
     teacher_scores, teacher_predictions, valid_scores = state.teacher_scores, None, None
@@ -153,6 +183,7 @@ def main(argv=None):
                                      pin_memory=device.type == "cuda"))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     skipped, bad_steps, train_seconds, data_seconds = state.skipped, 0, 0.0, 0.0
+    last_save = time.monotonic()  # --save-every-minutes: each rank's own clock; the step's all-reduce agrees
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
         while step < total_steps:
             t_step = time.perf_counter()
@@ -165,7 +196,9 @@ def main(argv=None):
             torch.manual_seed(dropout_seed(args.seed, step, rank))
             losses = forward_backward(model, teacher, micro, run.step, cfg, denominators, names, device, autocast,
                                       scaler)
-            result = optimizer_step(student, optimizer, scaler, losses, args.clip, stop_requested(), world_size)
+            save_due = 0 < args.save_every_minutes * 60 <= time.monotonic() - last_save
+            result = optimizer_step(student, optimizer, scaler, losses, args.clip, stop_requested(), world_size,
+                                    save_due)
             step += 1
             skipped += not result["stepped"]
             bad_steps = bad_steps + 1 if result["bad"] else 0
@@ -195,10 +228,11 @@ def main(argv=None):
                                    **prefixed("teacher_", teacher_scores or {}, drop=("examples", "agreement"))},
                     loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
-            saved = (step % args.save_every == 0 or step == total_steps) and bad_steps == 0
+            saved = (step % args.save_every == 0 or step == total_steps or result["save"]) and bad_steps == 0
             if saved or result["stop"]:
                 last_ckpt = save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window,
                                  n_logged, n_batches, master, ddp)
+                last_save = time.monotonic()
             if result["stop"]:
                 if master:
                     print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
@@ -251,8 +285,10 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
         compile_layers(student)
     if world_size == 1:
         return student
+    # A timeout, so that the ranks left waiting for a lost one end (cluster.process_group_options)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None,
+                            **process_group_options(args.collective_timeout))
     # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
     # toolkits do, would all-reduce nothing at a cost).
     return DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -268,14 +304,6 @@ def open_run_folder(args, config, step):
         json.dump(config, f, indent=1)
     truncate_metrics(args.out, step if args.resume else -1)
     return lock
-
-
-def report_finished(out_dir, step):
-    """--resume on a finished run: one line (rank 0), nothing written; returns the run's last step."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{out_dir}: finished at step {step}; the student is saved there, nothing to resume "
-              "(a longer run is a new run, in another --out)")
-    return step
 
 
 def load_teacher_and_kind(args):
@@ -405,7 +433,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     try:
         main()
-    except (StudentError, DataError, CheckpointError, FloatingPointError, LogError, HubError) as e:
+    except (StudentError, DataError, CheckpointError, ClusterError, FloatingPointError, LogError, HubError) as e:
         rank = os.environ.get("RANK")
         sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
     except KeyboardInterrupt:  # before the loop, after it, or a second Ctrl-C: the checkpoints written are intact

@@ -95,32 +95,34 @@ def forward_backward(model, teacher, micro, step_fn, cfg, denominators, names, d
     return losses
 
 
-def optimizer_step(student, optimizer, scaler, losses, clip, stop_requested=False, world_size=1):
+def optimizer_step(student, optimizer, scaler, losses, clip, stop_requested=False, world_size=1,
+                   save_requested=False):
     """Unscale, clip, step (or skip), update the scaler, zero the gradients.
 
     Each rank holds world_size x its share of the global mean (its denominators are the global
     counts / world_size): summed over ranks and divided, every rank knows the step's loss. The stop
-    flag (SIGTERM, Ctrl-C) travels in the same all_reduce, so every rank stops at the same step.
+    flag (SIGTERM, Ctrl-C) travels in the same all_reduce, so every rank stops at the same step; so
+    does the save flag (--save-every-minutes, read from each rank's own clock).
     The one read-back of the step: the loss, the gradient norm (from the all-reduced gradients, so
     alike on every rank) and the stop flag decide whether to step and whether to stop.
 
     Returns a dict: losses (averaged over ranks, on the device), loss and grad_norm (floats),
-    stop (bool), stepped (False: a non-finite loss or gradient, skipped), bad (a non-finite loss,
-    or a non-finite gradient in bf16/fp32: fp16 overflows with a finite loss are the scaler's
-    routine and not bad).
+    stop and save (bools: asked by some rank), stepped (False: a non-finite loss or gradient,
+    skipped), bad (a non-finite loss, or a non-finite gradient in bf16/fp32: fp16 overflows with a
+    finite loss are the scaler's routine and not bad).
     """
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip if clip > 0 else math.inf)
-    stats = torch.cat([losses, host_to_device([float(stop_requested)], device=losses.device)])
+    stats = torch.cat([losses, host_to_device([float(stop_requested), float(save_requested)], device=losses.device)])
     if world_size > 1:
         dist.all_reduce(stats)
-    losses = stats[:-1] / world_size
-    loss_value, norm_value, stop = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-1:]]).tolist()
+    losses = stats[:-2] / world_size
+    loss_value, norm_value, stop, save = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-2:]]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:  # never step on a non-finite loss or gradient, in any dtype
         optimizer.step()
     scaler.update()  # fp16: after overflowing gradients, a lower scale (a no-op in bf16/fp32)
     optimizer.zero_grad(set_to_none=True)
     bad = not math.isfinite(loss_value) or (not finite and not scaler.is_enabled())
-    return {"losses": losses, "loss": loss_value, "grad_norm": norm_value, "stop": bool(stop), "stepped": finite,
-            "bad": bad}
+    return {"losses": losses, "loss": loss_value, "grad_norm": norm_value, "stop": bool(stop), "save": bool(save),
+            "stepped": finite, "bad": bad}

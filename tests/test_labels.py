@@ -390,11 +390,16 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(nli_teacher, tmp_pat
     capsys.readouterr()
     assert train.main(["--out", out, "--resume"]) == 2  # the run's flags come from its run.json
     assert capsys.readouterr().out.strip().splitlines() == [
-        f"{out}: finished at step 2; the student is saved there, nothing to resume (a longer run is a new run, in "
-        "another --out)"]
+        f"{out} holds a finished run (step 2): nothing to do; a larger --max-steps extends it"]
     assert before == {name: open(os.path.join(out, name), "rb").read() for name in before}
     result = run(["train.py", "--out", out, "--resume"])
-    assert result.returncode == 0 and "finished at step 2" in result.stdout
+    assert result.returncode == 0 and "finished run (step 2)" in result.stdout
+    shutil.rmtree(os.path.join(out, "checkpoints"))  # freed, as the run's last line says: still finished
+    assert train.main(["--out", out, "--resume"]) == 2
+    assert "its checkpoints are deleted" in capsys.readouterr().out
+    assert before == {name: open(os.path.join(out, name), "rb").read() for name in before}
+    result = run(["train.py", "--out", out, "--resume", "--max-steps", "4"])
+    assert result.returncode == 1 and "whose checkpoints are deleted" in result.stderr
 
 
 def test_resume_and_heldout_take_the_runs_own_settings(nli_teacher, tmp_path, capsys):

@@ -315,6 +315,7 @@ def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
     resolves to something other than the recorded dtype."""
     from precision import pick_dtype
     short, out, _ = short_run
+    short = {**short, "max_steps": 4}  # past the run's end: a finished run resumed as it was only says so
     copy = edited_copy(out, tmp_path, lambda state: state["config"].update(dtype="bf16"))
     line = one_line_error(run(flags(short, out=copy, resume=True)))
     assert "trained in bf16" in line and "compute in fp32" in line and "--dtype bf16" in line
@@ -335,6 +336,7 @@ def test_resume_refuses_another_dtype_in_one_line(short_run, tmp_path):
 
 def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
     short, out, _ = short_run
+    short = {**short, "max_steps": 4}  # past the run's end: a finished run resumed as it was only says so
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     train = str(tmp_path / "own.txt")
@@ -345,12 +347,12 @@ def test_resume_refuses_a_changed_corpus_in_one_line(short_run, tmp_path):
     text = open(train).read()
     with open(train, "w") as f:  # one more document: another number of sequences
         f.write(text + "the cat sat on the mat with the old man.\n")
-    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    line = one_line_error(run(flags(moved, out=copy, resume=True, max_steps=5)))
     assert "training corpus" in line and "changed" in line and "sequences" in line
 
     with open(train, "w") as f:  # the same length, one word swapped for another of the same length
         f.write(text.replace("cat", "dog", 1))
-    line = one_line_error(run(flags(moved, out=copy, resume=True)))
+    line = one_line_error(run(flags(moved, out=copy, resume=True, max_steps=5)))
     assert "training corpus" in line and "the same number of tokens, but other ones" in line
 
 
