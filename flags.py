@@ -115,6 +115,10 @@ def parse_args(argv=None):
     a("--alpha-label", type=float, help="tasks: the hard-label loss (0.5; 1 when fine-tuning)")
     a("--alpha-cos", type=float, help="cosine loss of the last hidden states (1; tasks: off)")
     a("--alpha-mse", type=float, default=RECIPE.alpha_mse)
+    a("--alpha-embed", type=float, help="sentence-embedding teachers: the loss of the sentence embeddings (1; "
+      "others: off)")
+    a("--embed-loss", default=RECIPE.embed_loss, choices=["mse", "cos"],
+      help="the sentence-embedding loss: MSE (sentence-transformers' MSELoss) or 1 - cosine")
     a("--kd-on", default=RECIPE.kd_on, choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
     # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
@@ -195,6 +199,7 @@ RANGES = [
     ("alpha_label", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_cos", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_mse", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_embed", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_hidden", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_attn", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_relation", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
@@ -238,7 +243,7 @@ def check_ranges(args):
         betas = []
     if args.adam_betas is not None and len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         return f"--adam-betas {args.adam_betas}: must be two numbers in [0, 1) separated by a comma, e.g. 0.9,0.98"
-    alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
+    alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation", "embed")
     if all(getattr(args, f"alpha_{k}") == 0 for k in alphas):
         return "every --alpha-* is 0: turn on at least one loss"
     if (args.alpha_attn > 0 or args.alpha_relation > 0) and args.layer_map is not None:
@@ -259,9 +264,15 @@ _OPTIMIZER_MLM = {"lr": 5e-4, "adam_betas": "0.9,0.98", "adam_eps": 1e-6, "warmu
 _OPTIMIZER_TASK = {"lr": 5e-5, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.0, "clip": 1.0}
 RECIPES = {
     "mlm": {"alpha_kd": RECIPE.alpha_kd, "alpha_mlm": RECIPE.alpha_mlm, "alpha_cos": RECIPE.alpha_cos, "alpha_label": 0.0,
-            **_OPTIMIZER_MLM},
-    "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, **_OPTIMIZER_TASK},
-    "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, **_OPTIMIZER_TASK},
+            "alpha_embed": 0.0, **_OPTIMIZER_MLM},
+    "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, "alpha_embed": 0.0,
+             **_OPTIMIZER_TASK},
+    "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, "alpha_embed": 0.0,
+                 **_OPTIMIZER_TASK},
+    # a sentence-transformers teacher: its own distillation example (MSE of the embeddings, AdamW 1e-4,
+    # 10% warmup) with transformers' Trainer's betas/eps and sentence-transformers' clipping at 1
+    "embed": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.0, "alpha_embed": 1.0,
+              "lr": 1e-4, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.1, "clip": 1.0},
 }
 RECIPE_FLAGS = set(RECIPES["mlm"])
 
@@ -270,7 +281,7 @@ def recipe_defaults(args, kind, has_teacher=True):
     """Fill the recipe flags left unset with the defaults of the run: "mlm" (kind None), "task" (a
     task teacher) or "finetune" (no teacher); columns too. Raises SystemExit with one line for a
     loss this run cannot compute."""
-    recipe = "mlm" if kind is None else ("task" if has_teacher else "finetune")
+    recipe = "mlm" if kind is None else "embed" if kind == "embedding" else ("task" if has_teacher else "finetune")
     for name, value in RECIPES[recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -280,6 +291,14 @@ def recipe_defaults(args, kind, has_teacher=True):
     if kind is None and args.alpha_label > 0:
         raise SystemExit("error: --alpha-label is the hard-label loss of a task; a masked-LM teacher has none "
                          "(pass a fine-tuned teacher, or --task with --student to fine-tune)")
+    if kind == "embedding":  # a sentence-embedding teacher has no logits and no labels
+        uses = [f"--alpha-{k}" for k in ("kd", "mlm", "label", "mse") if getattr(args, f"alpha_{k}") > 0]
+        if uses:
+            raise SystemExit(f"error: {', '.join(uses)} read a model's logits, and a sentence-embedding teacher has "
+                             "none: use --alpha-embed (and the layer losses --alpha-cos/-hidden/-attn/-relation)")
+    elif args.alpha_embed > 0:
+        raise SystemExit("error: --alpha-embed compares sentence embeddings: the teacher must be a "
+                         "sentence-transformers folder (with modules.json); drop it")
     if kind is not None and args.alpha_mlm > 0:
         raise SystemExit("error: --alpha-mlm trains a masked LM; a task run has no masked tokens: drop it")
     if not has_teacher:
