@@ -249,11 +249,17 @@ def build_embedding_student(teacher, args, compares_hidden_states):
     else:
         layers = check_layers(layers if layers is not None else default_layers(teacher.config.num_hidden_layers),
                               teacher.config.num_hidden_layers)
-        student = build_student(teacher, layers, args.student_init, "teacher", args.student_hidden, args.student_heads,
-                                compares_hidden_states=compares_hidden_states)
-        if not hasattr(student, "sentence_dense"):  # a narrower student is built anew: the modules are the teacher's
-            student.sentence = dict(teacher.sentence)
-            student.sentence_dense = nn.ModuleList(_copy_module(d) for d in teacher.sentence_dense)
+        # built from the transformer alone (student.py checks the student against a model of its config),
+        # then given copies of the teacher's modules
+        dense = teacher.sentence_dense
+        del teacher.sentence_dense
+        try:
+            student = build_student(teacher, layers, args.student_init, "teacher", args.student_hidden,
+                                    args.student_heads, compares_hidden_states=compares_hidden_states)
+        finally:
+            teacher.sentence_dense = dense
+        student.sentence = dict(teacher.sentence)
+        student.sentence_dense = nn.ModuleList(_copy_module(d) for d in dense)
     width = lambda m: m.sentence_dense[-1][0].out_features if len(m.sentence_dense) else m.config.hidden_size
     if width(student) != width(teacher):
         if len(student.sentence_dense):
