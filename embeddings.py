@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import batch_rows, collate, epoch_batches, make_sequences
+from data import batch_rows, collate, make_sequences
 from distil import layer_terms, prepare_layer_losses, unwrap, weighted
 from losses import embedding_loss
 from student import StudentError, build_student, check_layers, default_layers
@@ -304,20 +304,41 @@ def embedding_batch(seqs, indices, tokenizer):
             "padded": rows["padded"]}
 
 
-class EmbeddingBatches(torch.utils.data.Dataset):
-    """Micro-batch m of one rank's run, a pure function of m (data.epoch_batches' order, grouped by
-    length), for data.micro_batch_loader."""
+def step_batches(seqs, batch_size, grad_accum, seed, epoch, rank=0, world_size=1):
+    """The micro-batches (sequence-index arrays) of one rank for one epoch, grouped by length so that
+    little padding is computed, and the same global batches whatever their split over ranks and
+    micro-steps: the epoch's order (a permutation seeded by (seed, epoch)) is cut into optimizer
+    steps of batch_size * grad_accum * world_size texts, sorted by length within groups of 50 steps;
+    the steps are shuffled; micro-step a of rank r takes every world_size-th text from r of the
+    step's a-th slice. (data.epoch_batches sorts each rank's share instead, so its global batches
+    depend on the number of ranks.)"""
+    step = batch_size * grad_accum * world_size
+    order = np.random.default_rng([seed, epoch]).permutation(len(seqs.starts))
+    n_steps = len(order) // step
+    order = order[:n_steps * step]
+    group = 50 * step
+    order = np.concatenate([g[np.argsort(seqs.lengths[g], kind="stable")]
+                            for g in np.split(order, range(group, len(order), group))]) if n_steps else order
+    steps = order.reshape(n_steps, grad_accum, batch_size * world_size)
+    steps = steps[np.random.default_rng([seed, epoch, 1]).permutation(n_steps)]
+    return list(steps[:, :, rank::world_size].reshape(n_steps * grad_accum, batch_size))
 
-    def __init__(self, seqs, tokenizer, batch_size, seed, n_batches, rank=0, world_size=1):
-        self.seqs, self.tokenizer, self.batch_size, self.seed = seqs, tokenizer, batch_size, seed
+
+class EmbeddingBatches(torch.utils.data.Dataset):
+    """Micro-batch m of one rank's run, a pure function of m (step_batches' order), collated
+    (embedding_batch), for data.micro_batch_loader."""
+
+    def __init__(self, seqs, tokenizer, batch_size, grad_accum, seed, n_batches, rank=0, world_size=1):
+        self.seqs, self.tokenizer, self.batch_size, self.grad_accum, self.seed = seqs, tokenizer, batch_size, \
+            grad_accum, seed
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
         self._epoch = self._batches = None
 
     def __getitem__(self, m):
         epoch, i = divmod(m, self.n_batches)
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_size, self.seed, epoch, self.rank,
-                                                              self.world_size, group_by_length=True)
+            self._epoch, self._batches = epoch, step_batches(self.seqs, self.batch_size, self.grad_accum, self.seed,
+                                                             epoch, self.rank, self.world_size)
         return embedding_batch(self.seqs, self._batches[i], self.tokenizer)
 
 
@@ -668,7 +689,8 @@ def embedding_run(args, inputs, teacher, n_batches, rank, world_size, device, au
                              len(inputs.train_data.starts), valid_scores, teacher_scores)
     return SimpleNamespace(
         step=embedding_step, count=count_embedding_rows, probe_batch=embedding_probe_batch,
-        dataset=EmbeddingBatches(inputs.train_data, tokenizer, args.batch_size, args.seed, n_batches, rank, world_size),
+        dataset=EmbeddingBatches(inputs.train_data, tokenizer, args.batch_size, args.grad_accum, args.seed, n_batches,
+                                 rank, world_size),
         evaluate=evaluate, write_card=write_card, save=save_embedding_student)
 
 

@@ -308,3 +308,22 @@ def test_logit_losses_are_refused_for_an_embedding_teacher(tmp_path, data):
     proc = run(flags(teacher=folder, train=data.train, out=str(tmp_path / "out"), cache_dir=data.cache, alpha_kd=1.0))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "--alpha-kd" in lines[0] and "--alpha-embed" in lines[0]
+
+
+def test_global_batches_do_not_depend_on_their_split():
+    """Grouped by length, yet the texts of each optimizer step are the same on 1 rank x 8, 2 ranks x 4
+    and 1 rank x 4 x 2 micro-steps; every text once per epoch, and little padding within a micro-batch."""
+    from data import Sequences
+    from embeddings import step_batches
+    lengths = np.random.default_rng(0).integers(1, 60, size=203)
+    seqs = Sequences(np.zeros(1), np.zeros(203, dtype=np.int64), lengths)
+    one = step_batches(seqs, 8, 1, 5, 0)
+    two = [step_batches(seqs, 4, 1, 5, 0, rank, 2) for rank in (0, 1)]
+    accumulated = step_batches(seqs, 4, 2, 5, 0)
+    assert len(one) == 25 and len(two[0]) == 25 and len(accumulated) == 50
+    for s in range(25):
+        assert sorted(one[s]) == sorted(np.concatenate([two[0][s], two[1][s]])) == \
+            sorted(np.concatenate(accumulated[2 * s:2 * s + 2]))
+    assert len(set(np.concatenate(one))) == 200
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in one])
+    assert spread < 5  # sorted within groups of 50 steps (random batches: about 50)
