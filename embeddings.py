@@ -424,26 +424,30 @@ def embedding_probe_batch(student, length=8):
 @torch.no_grad()
 def encode(model, ids, pad_id, batch_size, device, autocast):
     """(N, D) float32 CPU embeddings of the token-id lists `ids`, in their order (batches of similar
-    lengths), and the seconds it took (the device synchronised at the end)."""
+    lengths), and the seconds the pass took (after one untimed warm-up batch; the device
+    synchronised at the end)."""
     was_training = unwrap(model).training
     model.eval()
     order = np.argsort([len(x) for x in ids], kind="stable")
-    out = [None] * len(ids)
-    start = time.perf_counter()
-    for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        longest = max(len(ids[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+    chunks = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+    def run(chunk):
+        input_ids = torch.full((len(chunk), max(len(ids[i]) for i in chunk)), pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, i in enumerate(chunk):
             input_ids[row, :len(ids[i])], mask[row, :len(ids[i])] = torch.tensor(ids[i]), 1
         with autocast():
-            vectors, _ = embed(model, input_ids.to(device), mask.to(device))
-        for row, i in enumerate(chunk):
-            out[i] = vectors[row]
-    result = torch.stack(out).float().cpu()  # (the copy waits for the device)
+            return embed(model, input_ids.to(device), mask.to(device))[0]
+
+    run(chunks[-1])  # warm-up (the longest texts): allocations and kernel choices out of the timing
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    vectors = torch.cat([run(chunk) for chunk in chunks]).float().cpu()  # (the copy waits for the device)
     seconds = time.perf_counter() - start
     model.train(was_training)
+    result = torch.empty_like(vectors)
+    result[torch.as_tensor(order)] = vectors
     return result, seconds
 
 
@@ -747,3 +751,50 @@ def write_embedding_card(out_dir, run, teacher, student, layers, steps, n_texts,
     with open(path, "w", encoding="utf-8") as f:
         f.write(embedding_card(run, teacher, student, layers, steps, n_texts, scores, teacher_scores))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. heldout.py for sentence-embedding models
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_folder(args, device, autocast):
+    """heldout.py's table for a sentence-embedding student: STUDENT (a folder train.py saved), or the
+    teacher's --layers with nothing trained (the starting point of a run), scored against --teacher
+    on --valid (agreement, encoding speed-up, a linear probe when the texts have labels)."""
+    from pretrained import load_tokenizer, usable_positions
+    if not args.teacher or not is_sentence_folder(args.teacher):
+        raise StudentError("pass --teacher: the sentence-transformers folder the student is scored against")
+    teacher = load_embedding_teacher(args.teacher).to(device)
+    if args.student:
+        student = load_sentence_model(args.student, "STUDENT")
+    elif args.layers:
+        student, _ = build_embedding_student(teacher, SimpleNamespace(
+            layers=args.layers, student=None, student_arch="teacher", student_init="teacher", student_hidden=None,
+            student_heads=None), False)
+    else:
+        raise StudentError("pass STUDENT (a folder train.py wrote) or --layers (the teacher's layers, untrained)")
+    student = student.to(device).eval()
+    tokenizer = load_tokenizer(teacher, teacher.sentence["transformer"], masked_lm=False)
+    seq_len = min(args.seq_len, usable_positions(teacher))
+    held = read_heldout(args.valid, args.text_column or "text", args.label_column or "label", tokenizer, seq_len)
+    teacher_scores, teacher_result = evaluate_embeddings(teacher, held, tokenizer.pad_token_id, args.batch_size,
+                                                         device, autocast)
+    scores, _ = evaluate_embeddings(student, held, tokenizer.pad_token_id, args.batch_size, device, autocast,
+                                    teacher_result)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    result = {"kind": KIND, "student": scores, "teacher": teacher_scores, "student_params": n_params(student),
+              "teacher_params": n_params(teacher), "student_layers": student.config.num_hidden_layers,
+              "device": str(device), "dtype": args.dtype}
+    if args.json:
+        print(json.dumps(result))
+        return result
+    print("| | teacher | student |\n|---|---|---|")
+    for key, name in SCORE_NAMES.items():
+        if key in scores:
+            t = teacher_scores.get(key)
+            fmt = (lambda v: f"{v:.2f}x") if key == "speedup" else (lambda v: f"{v:.4f}")
+            print(f"| {name} | {'' if t is None else fmt(t)} | {fmt(scores[key])} |")
+    print(f"| parameters | {result['teacher_params'] / 1e6:.1f}M | {result['student_params'] / 1e6:.1f}M |\n"
+          f"| encoding {scores['examples']} texts ({device}, {args.dtype}) | {teacher_scores['encode_s']:.2f} s | "
+          f"{scores['encode_s']:.2f} s |")
+    return result

@@ -2,6 +2,8 @@
 
     python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.txt
     python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.csv      # task models: labelled data
+    python heldout.py STUDENT_DIR --teacher ST_FOLDER --valid texts.csv    # sentence embeddings (embeddings.py)
+    python heldout.py --layers 0,2,5 --teacher ST_FOLDER --valid texts.csv # ... the teacher's layers, untrained
 
 For masked LMs, prints the held-out masked-LM perplexity of both models, how often the student's
 top-1 prediction at a masked position is the teacher's, their parameter counts, and the student's
@@ -9,7 +11,10 @@ inference speed-up over the teacher on the same batch. The masks are fixed (a co
 uniform masking), so numbers compare across runs and across students. For models fine-tuned on a
 task (sequence or token classification), the task's scores of both (task_metrics: accuracy
 and macro-F1, micro-F1, Pearson and Spearman, or entity F1) and how often the student agrees with
-the teacher; --teacher is optional there. train.py uses the same functions for validation.
+the teacher; --teacher is optional there. For sentence-embedding models (a sentence-transformers
+--teacher), the agreement with the teacher's embeddings, the encoding speed-up and, with labelled
+texts, a linear probe's accuracy (embeddings.evaluate_folder). train.py uses the same functions
+for validation.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import transformers
 from data import make_batch, make_sequences, mask_spec, to_device
 from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
+from embeddings import evaluate_folder, is_sentence_folder
 from precision import DTYPES, autocast_for
 from tasks import examples_note, load_examples, valid_task_batches
 from pretrained import load_teacher, load_tokenizer, task_kind, usable_positions
@@ -273,7 +279,9 @@ def inference_ms(model, batch, device, autocast=nullcontext, repeats=5):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("student", help="folder of a distilled student (train.py's --out)")
+    p.add_argument("student", nargs="?", help="folder of a distilled student (train.py's --out)")
+    p.add_argument("--layers", help="sentence-embedding teachers: score the teacher's layers, untrained (e.g. 0,2,5), "
+                   "instead of a STUDENT folder")
     p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); optional for a task")
     p.add_argument("--valid", required=True, help="held-out corpus (.txt, .csv or .jsonl), or labelled data")
     p.add_argument("--text-column", help="default: text (token classification: tokens)")
@@ -291,6 +299,10 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_for(device, DTYPES[args.dtype])
+    if is_sentence_folder(args.teacher) or is_sentence_folder(args.student):  # sentence embeddings (embeddings.py)
+        return evaluate_folder(args, device, autocast)
+    if not args.student:
+        raise StudentError("pass STUDENT: the folder of a distilled student")
     student = load_teacher(args.student).to(device)
     kind = task_kind(student.config)
     if kind is not None:

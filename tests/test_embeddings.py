@@ -327,3 +327,18 @@ def test_global_batches_do_not_depend_on_their_split():
     assert len(set(np.concatenate(one))) == 200
     spread = np.mean([lengths[b].max() - lengths[b].min() for b in one])
     assert spread < 5  # sorted within groups of 50 steps (random batches: about 50)
+
+
+def test_embedding_steps_read_back_once_per_step(tmp_path, data):
+    """test_sync.py's count for a sentence-embedding run (with Dense modules, mean pooling and a layer
+    loss): the step's one read-back (loss, gradient norm, stop flag), plus at most the one read per
+    model that transformers' SDPA mask builder makes on a padded batch (teacher and student: 2 per
+    micro-step; none when a batch's texts are all of one length). Nothing of embeddings.py's own."""
+    from test_sync import reads_per_step
+    teacher = make_sentence_teacher(str(tmp_path / "teacher"), dense=[(24, TANH)])
+    base = ["--teacher", teacher, "--train", data.train, "--batch-size", "4", "--seq-len", "16", "--log-every", "1000",
+            "--save-every", "1000", "--no-progress", "--cache-dir", data.cache, "--dtype", "fp32", "--alpha-hidden", "1"]
+    for accum in (1, 2):
+        reads = reads_per_step((base, tmp_path), f"accum{accum}", "--grad-accum", str(accum))
+        assert reads.get("tolist") == 1.0 and set(reads) <= {"tolist", "aten::_local_scalar_dense"}, reads
+        assert reads.get("aten::_local_scalar_dense", 0) <= 2 * accum, reads
