@@ -13,6 +13,7 @@ name ("alpha_kd" or "alpha-kd"); flags given on the command line win over the fi
 import argparse
 import json
 import math
+import os
 import sys
 
 from distil import DistilConfig
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     a("--config", help="JSON or YAML file of flag values (keys are flag names); flags on the command line win")
     # what to distil, on what
     a("--teacher", help="teacher: a hub name or a local folder holding a masked LM, or a model fine-tuned for "
-      "sequence classification or token classification (task distillation)")
+      "sequence classification or token classification (task distillation), or a sentence-transformers folder "
+      "(sentence embeddings)")
     a("--student", metavar="FOLDER", help="start the student from this checkpoint (same tokenizer) instead of the "
       "teacher's layers; a task run gives it a fresh task head unless its own predicts the same labels")
     a("--task", choices=KINDS, help="fine-tune --student on labelled data, with no task teacher: the task, "
@@ -73,7 +75,8 @@ def parse_args(argv=None):
     a("--tokenizer", help="tokenizer folder, if not the teacher's own")
     a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl (tasks: .csv, .jsonl or a "
       "dataset)")
-    a("--valid", help="held-out set: perplexity (masked LM), or the task's scores")
+    a("--valid", help="held-out set: perplexity (masked LM), the task's scores, or the agreement of the sentence "
+      "embeddings with the teacher's (and a linear probe where the texts have labels)")
     a("--text-column", help="column (.csv) or field (.jsonl) holding the text (default: text; token "
       "classification: tokens, a list of words)")
     a("--text-pair-column", help="tasks on text pairs: the column of each pair's second text")
@@ -244,7 +247,9 @@ def check_ranges(args):
     if args.adam_betas is not None and len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         return f"--adam-betas {args.adam_betas}: must be two numbers in [0, 1) separated by a comma, e.g. 0.9,0.98"
     alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation", "embed")
-    if all(getattr(args, f"alpha_{k}") == 0 for k in alphas):
+    # --alpha-embed left unset is on (1) for a sentence-transformers teacher only (a folder with modules.json)
+    embed_unset_off = args.alpha_embed is None and not os.path.isfile(os.path.join(str(args.teacher), "modules.json"))
+    if all(getattr(args, f"alpha_{k}") == 0 or (k == "embed" and embed_unset_off) for k in alphas):
         return "every --alpha-* is 0: turn on at least one loss"
     if (args.alpha_attn > 0 or args.alpha_relation > 0) and args.layer_map is not None:
         # 0 is the embeddings, which have no attention: an attention loss needs a pair of real layers
