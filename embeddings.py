@@ -117,8 +117,12 @@ def read_sentence_folder(folder, flag="--teacher"):
                                "weights and a Tanh or identity activation")
         dense.append((config, weights))
     st_config = _json(os.path.join(folder, "config_sentence_transformers.json"), {})
+    max_seq_length = bert_config.get("max_seq_length")
+    if max_seq_length is None:  # sentence-transformers 6 keeps it as the tokenizer's model_max_length
+        limit = _json(os.path.join(transformer, "tokenizer_config.json"), {}).get("model_max_length")
+        max_seq_length = limit if isinstance(limit, int) and limit < 1_000_000 else None  # (1e30: unset)
     return {"transformer": transformer, "pooling": modes[0], "include_prompt": pooling.get("include_prompt", True),
-            "dense": dense, "normalize": names[-1] == "Normalize", "max_seq_length": bert_config.get("max_seq_length"),
+            "dense": dense, "normalize": names[-1] == "Normalize", "max_seq_length": max_seq_length,
             "do_lower_case": bool(bert_config.get("do_lower_case", False)),
             "st_config": {k: st_config[k] for k in ("prompts", "default_prompt_name", "similarity_fn_name")
                           if k in st_config}}

@@ -342,3 +342,17 @@ def test_embedding_steps_read_back_once_per_step(tmp_path, data):
         reads = reads_per_step((base, tmp_path), f"accum{accum}", "--grad-accum", str(accum))
         assert reads.get("tolist") == 1.0 and set(reads) <= {"tolist", "aten::_local_scalar_dense"}, reads
         assert reads.get("aten::_local_scalar_dense", 0) <= 2 * accum, reads
+
+
+def test_a_folder_saved_by_sentence_transformers_6_is_read(tmp_path):
+    """sentence-transformers 5/6 save another layout (module paths such as sentence_transformers.base.modules...,
+    pooling_mode, max_seq_length kept by the tokenizer): read as the classic one, the same vectors."""
+    st = pytest.importorskip("sentence_transformers")
+    from embeddings import load_sentence_model, read_sentence_folder
+    folder = make_sentence_teacher(str(tmp_path / "t"), "max", [(24, TANH)])
+    model = st.SentenceTransformer(folder, device="cpu")
+    model.save(str(tmp_path / "saved"))
+    spec = read_sentence_folder(str(tmp_path / "saved"))
+    assert (spec["pooling"], spec["normalize"], spec["max_seq_length"], len(spec["dense"])) == ("max", True, 48, 1)
+    torch.testing.assert_close(encode_own(load_sentence_model(str(tmp_path / "saved")), TEXTS, folder),
+                               model.encode(TEXTS, convert_to_tensor=True), atol=1e-5, rtol=1e-5)
