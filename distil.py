@@ -53,6 +53,8 @@ class DistilConfig:
     relation_heads: int = 0  # 0: the student's number of attention heads
     layer_map: tuple = ()
     alpha_label: float = 0.0  # task runs: the hard-label loss on the task's labels (task_step)
+    alpha_embed: float = 0.0  # sentence-embedding runs: the sentence embeddings' loss (embeddings.embedding_step)
+    embed_loss: str = "mse"  # "mse" (sentence-transformers' MSELoss) or "cos"
 
     def needs_teacher(self):
         return any(w > 0 for w in (self.alpha_kd, self.alpha_mse, self.alpha_cos, self.alpha_hidden,

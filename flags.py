@@ -13,6 +13,7 @@ name ("alpha_kd" or "alpha-kd"); flags given on the command line win over the fi
 import argparse
 import json
 import math
+import os
 import sys
 
 from distil import DistilConfig
@@ -113,7 +114,8 @@ def parse_args(argv=None):
     a("--config", help="JSON or YAML file of flag values (keys are flag names); flags on the command line win")
     # what to distil, on what
     a("--teacher", help="teacher: a hub name or a local folder holding a masked LM, or a model fine-tuned for "
-      "sequence classification or token classification (task distillation)")
+      "sequence classification or token classification (task distillation), or a sentence-transformers folder "
+      "(sentence embeddings)")
     a("--student", metavar="FOLDER", help="start the student from this checkpoint (same tokenizer) instead of the "
       "teacher's layers; a task run gives it a fresh task head unless its own predicts the same labels")
     a("--task", choices=KINDS, help="fine-tune --student on labelled data, with no task teacher: the task, "
@@ -122,7 +124,8 @@ def parse_args(argv=None):
     a("--tokenizer", help="tokenizer folder, if not the teacher's own")
     a("--train", help="training corpus: .txt (one document per line), .csv or .jsonl (tasks: .csv, .jsonl or a "
       "dataset)")
-    a("--valid", help="held-out set: perplexity (masked LM), or the task's scores")
+    a("--valid", help="held-out set: perplexity (masked LM), the task's scores, or the agreement of the sentence "
+      "embeddings with the teacher's (and a linear probe where the texts have labels)")
     a("--text-column", help="column (.csv) or field (.jsonl) holding the text (default: text; token "
       "classification: tokens, a list of words)")
     a("--text-pair-column", help="tasks on text pairs: the column of each pair's second text")
@@ -169,6 +172,10 @@ def parse_args(argv=None):
     a("--alpha-label", type=float, help="tasks: the hard-label loss (0.5; 1 when fine-tuning)")
     a("--alpha-cos", type=float, help="cosine loss of the last hidden states (1; tasks: off)")
     a("--alpha-mse", type=float, default=RECIPE.alpha_mse, help="squared error of the logits (off in the recipe)")
+    a("--alpha-embed", type=float, help="sentence-embedding teachers: the loss of the sentence embeddings (1; "
+      "others: off)")
+    a("--embed-loss", default=RECIPE.embed_loss, choices=["mse", "cos"],
+      help="the sentence-embedding loss: MSE (sentence-transformers' MSELoss) or 1 - cosine")
     a("--kd-on", default=RECIPE.kd_on, choices=["all", "masked"],
       help="positions the KD/MSE terms read: every token (released DistilBERT) or the masked ones (faster)")
     # intermediate layers (off in the recipe): pairs of layers as in hidden_states, 0 = embeddings
@@ -269,6 +276,7 @@ RANGES = [
     ("alpha_label", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_cos", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_mse", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
+    ("alpha_embed", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_hidden", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_attn", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
     ("alpha_relation", "float", lambda v: v >= 0, "at least 0 (0 = off)"),
@@ -315,8 +323,10 @@ def check_ranges(args):
         betas = []
     if args.adam_betas is not None and len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         return f"--adam-betas {args.adam_betas}: must be two numbers in [0, 1) separated by a comma, e.g. 0.9,0.98"
-    alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
-    if all(getattr(args, f"alpha_{k}") == 0 for k in alphas):
+    alphas = ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation", "embed")
+    # --alpha-embed left unset is on (1) for a sentence-transformers teacher only (a folder with modules.json)
+    embed_unset_off = args.alpha_embed is None and not os.path.isfile(os.path.join(str(args.teacher), "modules.json"))
+    if all(getattr(args, f"alpha_{k}") == 0 or (k == "embed" and embed_unset_off) for k in alphas):
         return "every --alpha-* is 0: turn on at least one loss"
     if (args.alpha_attn > 0 or args.alpha_relation > 0) and args.layer_map is not None:
         # 0 is the embeddings, which have no attention: an attention loss needs a pair of real layers
@@ -336,9 +346,15 @@ _OPTIMIZER_MLM = {"lr": 5e-4, "adam_betas": "0.9,0.98", "adam_eps": 1e-6, "warmu
 _OPTIMIZER_TASK = {"lr": 5e-5, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.0, "clip": 1.0}
 RECIPES = {
     "mlm": {"alpha_kd": RECIPE.alpha_kd, "alpha_mlm": RECIPE.alpha_mlm, "alpha_cos": RECIPE.alpha_cos, "alpha_label": 0.0,
-            **_OPTIMIZER_MLM},
-    "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, **_OPTIMIZER_TASK},
-    "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, **_OPTIMIZER_TASK},
+            "alpha_embed": 0.0, **_OPTIMIZER_MLM},
+    "task": {"alpha_kd": 0.5, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.5, "alpha_embed": 0.0,
+             **_OPTIMIZER_TASK},
+    "finetune": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 1.0, "alpha_embed": 0.0,
+                 **_OPTIMIZER_TASK},
+    # a sentence-transformers teacher: its own distillation example (MSE of the embeddings, AdamW 1e-4,
+    # 10% warmup) with transformers' Trainer's betas/eps and sentence-transformers' clipping at 1
+    "embed": {"alpha_kd": 0.0, "alpha_mlm": 0.0, "alpha_cos": 0.0, "alpha_label": 0.0, "alpha_embed": 1.0,
+              "lr": 1e-4, "adam_betas": "0.9,0.999", "adam_eps": 1e-8, "warmup": 0.1, "clip": 1.0},
 }
 RECIPE_FLAGS = set(RECIPES["mlm"])
 
@@ -347,7 +363,7 @@ def recipe_defaults(args, kind, has_teacher=True):
     """Fill the recipe flags left unset with the defaults of the run: "mlm" (kind None), "task" (a
     task teacher) or "finetune" (no teacher); columns too. Raises SystemExit with one line for a
     loss this run cannot compute."""
-    recipe = "mlm" if kind is None else ("task" if has_teacher else "finetune")
+    recipe = "mlm" if kind is None else "embed" if kind == "embedding" else ("task" if has_teacher else "finetune")
     for name, value in RECIPES[recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -357,6 +373,14 @@ def recipe_defaults(args, kind, has_teacher=True):
     if kind is None and args.alpha_label > 0:
         raise SystemExit("error: --alpha-label is the hard-label loss of a task; a masked-LM teacher has none "
                          "(pass a fine-tuned teacher, or --task with --student to fine-tune)")
+    if kind == "embedding":  # a sentence-embedding teacher has no logits and no labels
+        uses = [f"--alpha-{k}" for k in ("kd", "mlm", "label", "mse") if getattr(args, f"alpha_{k}") > 0]
+        if uses:
+            raise SystemExit(f"error: {', '.join(uses)} read a model's logits, and a sentence-embedding teacher has "
+                             "none: use --alpha-embed (and the layer losses --alpha-cos/-hidden/-attn/-relation)")
+    elif args.alpha_embed > 0:
+        raise SystemExit("error: --alpha-embed compares sentence embeddings: the teacher must be a "
+                         "sentence-transformers folder (with modules.json); drop it")
     if kind is not None and args.alpha_mlm > 0:
         raise SystemExit("error: --alpha-mlm trains a masked LM; a task run has no masked tokens: drop it")
     if not has_teacher:

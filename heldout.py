@@ -2,6 +2,8 @@
 
     python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.txt
     python heldout.py STUDENT_DIR --teacher TEACHER --valid valid.csv      # task models: labelled data
+    python heldout.py STUDENT_DIR --teacher ST_FOLDER --valid texts.csv    # sentence embeddings (embeddings.py)
+    python heldout.py --layers 0,2,5 --teacher ST_FOLDER --valid texts.csv # ... the teacher's layers, untrained
 
 For masked LMs, prints the held-out masked-LM perplexity of both models, how often the student's
 top-1 prediction at a masked position is the teacher's, their parameter counts, and the student's
@@ -9,7 +11,10 @@ inference speed-up over the teacher on the same batch. The masks are fixed (a co
 uniform masking), so numbers compare across runs and across students. For models fine-tuned on a
 task (sequence or token classification), the task's scores of both (task_metrics: accuracy
 and macro-F1, micro-F1, Pearson and Spearman, or entity F1) and how often the student agrees with
-the teacher; --teacher is optional there. train.py uses the same functions for validation.
+the teacher; --teacher is optional there. For sentence-embedding models (a sentence-transformers
+--teacher), the agreement with the teacher's embeddings, the encoding speed-up and, with labelled
+texts, a linear probe's accuracy (embeddings.evaluate_folder). train.py uses the same functions
+for validation.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import transformers
 from data import make_batch, make_sequences, mask_spec, to_device
 from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
+from embeddings import evaluate_folder, is_sentence_folder
 from precision import DTYPES, autocast_for
 from tasks import check_labelled, examples_note, load_examples, parse_label_map, task_batch, valid_task_batches
 from pretrained import load_teacher, load_tokenizer, task_kind, usable_positions
@@ -340,7 +346,7 @@ def run_defaults(args):
     train.py's record): the held-out set, the columns, the label map, the sequence length and the
     teacher. The teacher is taken where it is a folder on this machine (a task's is optional: a hub
     name is not fetched unasked) or where one is required (a masked LM); a line on stderr says which."""
-    path = os.path.join(args.student, "run.json")
+    path = os.path.join(args.student, "run.json") if args.student else ""
     run = json.load(open(path)) if os.path.isfile(path) else {}
     for name in ("valid", "text_column", "text_pair_column", "label_column", "label_map", "cache_dir"):
         if getattr(args, name) is None and run.get(name):
@@ -349,13 +355,16 @@ def run_defaults(args):
         args.seq_len = run.get("seq_len_used") or run.get("seq_len") or 128
     args.run_teacher = run.get("teacher")
     if args.valid is None:
-        raise StudentError(f"{args.student}: pass --valid with held-out data (no run.json there names the run's)")
+        raise StudentError(f"{args.student or '--layers'}: pass --valid with held-out data (no run.json there names "
+                           "the run's)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("student", help="folder of a distilled student (train.py's --out)")
+    p.add_argument("student", nargs="?", help="folder of a distilled student (train.py's --out)")
+    p.add_argument("--layers", help="sentence-embedding teachers: score the teacher's layers, untrained (e.g. 0,2,5), "
+                   "instead of a STUDENT folder")
     p.add_argument("--teacher", help="the teacher it was distilled from (hub name or folder); default: the run's "
                    "(STUDENT/run.json) where it is a folder here, or for a masked LM; optional for a task")
     p.add_argument("--valid", help="held-out corpus (.txt, .csv or .jsonl), or labelled data (default: the run's "
@@ -378,6 +387,13 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = autocast_for(device, DTYPES[args.dtype])
+    if is_sentence_folder(args.student) and not args.teacher and is_sentence_folder(args.run_teacher):
+        args.teacher = args.run_teacher
+        print(f"teacher: {args.teacher} (from {os.path.join(args.student, 'run.json')})", file=sys.stderr)
+    if is_sentence_folder(args.teacher) or is_sentence_folder(args.student):  # sentence embeddings (embeddings.py)
+        return evaluate_folder(args, device, autocast)
+    if not args.student:
+        raise StudentError("pass STUDENT: the folder of a distilled student")
     student = load_teacher(args.student).to(device)
     kind = task_kind(student.config)
     if kind is not None:

@@ -297,3 +297,25 @@ def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=Non
     if query_rows is not None:
         student_rel, teacher_rel = student_rel.index_select(0, query_rows), teacher_rel.index_select(0, query_rows)
     return kd_loss(student_rel, teacher_rel, 1.0, denominator)
+
+
+def embedding_loss(student_embeddings, teacher_embeddings, denominator=None, kind="mse"):
+    """Sentence-embedding distillation: one row per text, the embeddings as the models output them
+    (after pooling, Dense and Normalize modules). (..., D) each, any float dtype; a float32 scalar.
+
+        mse = 1/n * sum_rows 1/D * sum_d (s[d] - t[d])^2       (kind="mse")
+        cos = 1/n * sum_rows (1 - cos(s, t))                   (kind="cos")
+
+    "mse" is sentence-transformers' MSELoss (nn.MSELoss() over the (n, D) embeddings, a mean over
+    both), the loss of its distillation example; dividing by D keeps alpha comparable across
+    widths. For unit-length embeddings (a Normalize module) mse = 2/D * cos, so the two differ by a
+    constant factor there and by the embeddings' lengths otherwise.
+    """
+    s, t = student_embeddings.float(), teacher_embeddings.detach().float()
+    if kind == "cos":
+        total = (1 - F.cosine_similarity(s, t, dim=-1)).sum()
+    elif kind == "mse":
+        total = F.mse_loss(s, t, reduction="sum") / s.shape[-1]
+    else:
+        raise ValueError(f"embedding loss {kind!r}: use 'mse' or 'cos'")
+    return _per_row_mean(total, denominator, _rows(s))

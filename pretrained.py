@@ -90,6 +90,9 @@ def load_teacher(name_or_path):
     if _means_local_folder(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise StudentError(f"--teacher {name_or_path}: no such folder{missing_folder_hint(name_or_path)}; pass a "
                            "folder holding config.json and the weights, or a Hugging Face hub name")
+    if os.path.isfile(os.path.join(name_or_path, "modules.json")):  # a sentence-transformers folder
+        from embeddings import load_embedding_teacher
+        return load_embedding_teacher(name_or_path)
     if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
         # (transformers would guess a model type from the folder's name instead)
         raise StudentError(f"--teacher {name_or_path}: not a Hugging Face model folder (no config.json); "

@@ -23,7 +23,11 @@ def load_inputs(args, global_batch, master, teacher, kind):
     Returns a namespace: tokenizer, layers (the teacher layers kept), cfg (distil.DistilConfig),
     student, train_data and valid_data (data.Sequences or tasks.Examples; valid None without
     --valid), spec (data.MaskSpec; None for a task), seq_len (the one used), steps_per_epoch, and
-    train_corpus (what a resume checks: tokens, sequences, digest). `args` is only read."""
+    train_corpus (what a resume checks: tokens, sequences, digest). `args` is only read.
+    A sentence-embedding teacher (kind "embedding"): embeddings.load_embedding_inputs."""
+    if kind == "embedding":
+        from embeddings import load_embedding_inputs
+        return load_embedding_inputs(args, global_batch, master, teacher)
     try:
         layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers is not None else None
     except ValueError:

@@ -252,3 +252,18 @@ def test_relation_loss_matches_closed_form_across_widths():
     padded[0, 4] = 100.0  # the padded position changes nothing
     assert relation_loss(padded, t, mask, n_heads).item() == pytest.approx(expected / (4 * n_heads), rel=1e-5)
     assert relation_loss(t, t, mask, n_heads).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_embedding_loss_matches_closed_form():
+    from losses import embedding_loss  # (imported here: the file's import line belongs to the other losses)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    mse = sum(((s[i] - t[i]) ** 2).mean().item() for i in range(5)) / 5
+    assert embedding_loss(s, t).item() == pytest.approx(mse, rel=1e-5)
+    assert embedding_loss(s, t).item() == pytest.approx(torch.nn.MSELoss()(s, t).item(), rel=1e-5)  # sentence-transformers' MSELoss
+    cos = sum(1 - (s[i] @ t[i]).item() / (s[i].norm() * t[i].norm()).item() for i in range(5)) / 5
+    assert embedding_loss(s, t, kind="cos").item() == pytest.approx(cos, rel=1e-5)
+    # a global denominator: the sum over rows divided by it; unit vectors: mse = 2/D * cos
+    assert embedding_loss(s, t, denominator=10).item() == pytest.approx(mse / 2, rel=1e-5)
+    u, v = torch.nn.functional.normalize(s, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+    assert embedding_loss(u, v).item() == pytest.approx(2 / 7 * embedding_loss(u, v, kind="cos").item(), rel=1e-5)
+    assert embedding_loss(s[:0], t[:0]).item() == 0.0  # no rows: 0, not NaN

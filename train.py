@@ -37,6 +37,7 @@ from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_s
 from cluster import (ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options,
                      split_global_batch, wait_for_ranks)
 from data import MicroBatches, micro_batch_loader
+from embeddings import KIND as EMBEDDING, embedding_run
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
 from heldout import evaluate_masked_lm, evaluate_task_model, gold, label_order_sample, label_order_warning
@@ -151,7 +152,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- resume, or start: the run folder, the loggers, the teacher's held-out scores ----
-    names = ["loss"] + [k for k in ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation")
+    names = ["loss"] + [k for k in ("kd", "mlm", "label", "cos", "mse", "hidden", "attn", "relation", "embed")
                         if getattr(cfg, f"alpha_{k}") > 0]
     state = resume_state(ckpt, ckpt_path, student, optimizer, scaler, len(names), master)
     del ckpt
@@ -240,7 +241,7 @@ def main(argv=None):
     bar.close()
     close_loggers(loggers)
     if step == total_steps and master:
-        save_student(student, inputs.tokenizer, args.out)
+        run.save(student, inputs.tokenizer, args.out)
         run.write_card(config, step, valid_scores, teacher_scores)
         print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
         if label_warnings:  # the student's label names are the teacher's; the data's ids may not follow them
@@ -310,7 +311,7 @@ def load_teacher_and_kind(args):
     """The teacher (None to fine-tune without one) and what the run does, which its class says: a
     masked LM (kind None) or a task (one of tasks.KINDS); then the recipe's defaults for that kind."""
     teacher = load_teacher(args.teacher) if args.teacher else None
-    kind = task_kind(teacher.config) if teacher is not None else args.task
+    kind = args.task if teacher is None else EMBEDDING if hasattr(teacher, "sentence") else task_kind(teacher.config)
     if teacher is not None and args.task:
         raise StudentError(f"--task: the task of a fine-tuned teacher comes from it, and {args.teacher} is "
                            f"{'a masked LM' if kind is None else kind}; drop --task (or --teacher, to fine-tune)")
@@ -328,7 +329,11 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         evaluate(model, teacher_predictions=None) -> (scores, predictions): {"ppl": ...} or the task's
             scores (heldout.task_metrics), over every rank's share of --valid
         write_card(config, step, valid_scores, teacher_scores): the model card of the saved student
+        save(student, tokenizer, out): the student in --out (pretrained.save_student; a sentence-embedding
+            run: embeddings.save_embedding_student, a folder sentence-transformers loads)
     """
+    if kind == EMBEDDING:  # a sentence-transformers teacher: its sentence embeddings (embeddings.py)
+        return embedding_run(args, inputs, teacher, n_batches, rank, world_size, device, autocast)
     tokenizer, train_data, valid_data = inputs.tokenizer, inputs.train_data, inputs.valid_data
     if kind is None:
         def evaluate(model, teacher_predictions=None):
@@ -345,7 +350,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
             step=distil_step, count=partial(count_rows, cfg=inputs.cfg), probe_batch=probe_batch,
             dataset=MicroBatches(train_data, tokenizer, inputs.spec, args.batch_size, args.seed, n_batches, rank,
                                  world_size, group_by_length=not args.pack),
-            evaluate=evaluate, write_card=write_card)
+            evaluate=evaluate, write_card=write_card, save=save_student)
 
     def evaluate(model, teacher_predictions=None):
         return evaluate_task_model(model, valid_data, inputs.student.config.id2label, tokenizer.pad_token_id,
@@ -359,7 +364,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         probe_batch=partial(task_probe_batch, kind=kind),
         dataset=TaskBatches(train_data, tokenizer.pad_token_id, args.batch_size, args.seed, n_batches, rank,
                             world_size),
-        evaluate=evaluate, write_card=write_card)
+        evaluate=evaluate, write_card=write_card, save=save_student)
 
 
 def resume_state(ckpt, ckpt_path, student, optimizer, scaler, n_terms, master):
