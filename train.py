@@ -33,6 +33,7 @@ from data import MicroBatches, micro_batch_loader
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
 from heldout import evaluate_masked_lm, evaluate_task_model
+from losses import compiled_or_eager
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
@@ -212,7 +213,8 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
     if frozen and master:
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
     if args.compile:  # after the probe's forward (see compile_layers)
-        compile_layers(student)
+        compile_layers(student, partial(compiled_or_eager, what="the student's encoder layers",
+                                        devices=("cuda", "cpu")))
     if world_size == 1:
         return student
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
