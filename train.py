@@ -60,7 +60,9 @@ def setup_device(args):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # modulo the visible devices: launchers that show each process only its own GPU (Slurm's srun with
+    # --gpus-per-task) still set LOCAL_RANK to the process's rank on the node
+    device = torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -95,6 +97,16 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, int(args.epochs * inputs.steps_per_epoch))
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
+    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
+    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data. The
+    # workers fork here, before the process group starts: a process forked after NCCL has set up
+    # InfiniBand/RDMA can hang or crash (the workers touch neither CUDA nor NCCL).
+    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
+    if num_workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
+    stream = iter(micro_batch_loader(run.dataset, (ckpt["step"] if ckpt is not None else 0) * args.grad_accum,
+                                     total_steps * args.grad_accum, num_workers, pin_memory=device.type == "cuda"))
+
     # ---- the models on the device, DDP, the optimizer ----
     student, cfg = inputs.student, inputs.cfg
     model = place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master)
@@ -117,13 +129,6 @@ def main(argv=None):
         log(args, master, {"step": step, **prefixed("teacher_", teacher_scores)}, loggers)
 
     # ---- the loop ----
-    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
-    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data.
-    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
-    if num_workers:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
-    stream = iter(micro_batch_loader(run.dataset, step * args.grad_accum, total_steps * args.grad_accum, num_workers,
-                                     pin_memory=device.type == "cuda"))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     skipped, bad_steps, train_seconds, data_seconds = state.skipped, 0, 0.0, 0.0
     with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
@@ -221,7 +226,7 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
                             device_id=device if device.type == "cuda" else None)
     # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
     # toolkits do, would all-reduce nothing at a cost).
-    return DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
+    return DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def open_run_folder(args, config, step):
