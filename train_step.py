@@ -42,7 +42,7 @@ def host_to_device(values, device):
     """Host numbers as a float64 tensor on `device`, without making the host wait for the device
     (a pinned buffer and an asynchronous copy on a GPU)."""
     tensor = torch.tensor(values, dtype=torch.float64)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def dropout_seed(seed, step, rank):
