@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -45,11 +46,15 @@ MODELS = {  # teacher shapes; random weights are as fast as trained ones
     "cpu": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
-PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, fp32); the first key
-    # found in torch.cuda.get_device_name() wins, so the specific names come before the general ones
-    "H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "H800": (989, 67),
-    "A100": (312, 19.5), "A800": (312, 19.5), "A10": (125, 31), "L40S": (362, 91), "L4": (121, 30),
-    "V100": (125, 15.7), "T4": (65, 8.1), "RTX 4090": (165, 83),
+PEAK_TFLOPS = {  # dense peaks from the vendors' data sheets: (bf16/fp16 tensor cores, TF32 tensor cores,
+    # plain fp32). A name matches a card when its words appear, whole and in order, among the card's
+    # (torch.cuda.get_device_name(), split at spaces and hyphens), and the longest matching name wins:
+    # "L4" is not an "L40", "H200" not an "H200 NVL", "A10" not an "A10G" (absent: no MFU is printed).
+    "H100": (989, 494, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60),
+    "H200": (989, 494, 67), "H200 NVL": (835, 418, 60), "H800": (989, 494, 67),
+    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A10": (125, 62.5, 31.2),
+    "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
+    "V100": (125, 15.7, 15.7), "T4": (65, 8.1, 8.1), "RTX 4090": (165, 82.6, 82.6),  # no TF32 before Ampere
 }
 VARIANTS = {  # name: (what is turned off, in words)
     "textbook": "the research code's step, float32",
@@ -143,10 +148,21 @@ def mfu(teacher_config, n_student_layers, seq_len, kd_on, tokens_per_s, dtype, m
     return (None if peak is None else flops * tokens_per_s / (peak * 1e12)), peak, name
 
 
-def peak_tflops(card, dtype):
-    """The dense peak TFLOPS of the card named `card` (torch.cuda.get_device_name) in `dtype`, or None."""
-    peak = next((p for key, p in PEAK_TFLOPS.items() if key in card), None)
-    return None if peak is None else peak[0] if dtype != torch.float32 else peak[1]
+def peak_tflops(card, dtype, tf32=None):
+    """The dense peak TFLOPS of the card named `card` (torch.cuda.get_device_name) in `dtype`, or None
+    for a card PEAK_TFLOPS lacks. float32 matrix products run on TF32 tensor cores when `tf32` (default:
+    torch.backends.cuda.matmul.allow_tf32, which train.py sets): the peak is then TF32's, not fp32's,
+    else an fp32 run could show an MFU above 100%."""
+    words = re.split(r"[\s\-_]+", card.upper())
+    found = [key for key in PEAK_TFLOPS if any(words[i:i + len(key.split())] == key.upper().split()
+                                               for i in range(len(words)))]
+    if not found:
+        return None
+    low_precision, tf32_peak, fp32_peak = PEAK_TFLOPS[max(found, key=lambda key: len(key.split()))]
+    if dtype != torch.float32:
+        return low_precision
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+    return tf32_peak if tf32 else fp32_peak
 
 
 def run_variant(args):
@@ -303,6 +319,25 @@ def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
     optimizer.zero_grad(set_to_none=True)
 
 
+def count_aten_calls(fn):
+    """The aten operators `fn()` dispatches to kernels (after autograd and decompositions, the calls a
+    GPU would launch in eager mode, one each; on a CPU the backward runs on this thread and counts
+    too), and the read-backs among them (_local_scalar_dense: item/bool/float). Returns (calls, reads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            Count.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls, Count.reads
+
+
 def bench_overhead(args):
     """ms per step of train.py's step and of the minimal loop, interleaved on the same batches (so both
     see the same load), at negligible width: a 12-layer teacher of hidden size 16 -> 6 layers. What is
@@ -349,6 +384,10 @@ def bench_overhead(args):
             if i >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - start))
     ms = {name: float(np.median(t)) for name, t in times.items()}
+    calls = {"ours": count_aten_calls(lambda: train_py_step(student, student, teacher, ours_opt, scaler, batches[-1:],
+                                                            cfg, device, autocast, names, n_steps, window)),
+             "minimal": count_aten_calls(lambda: minimal_step(twin, teacher, minimal_opt,
+                                                              to_device(batches[-1], device), autocast))}
     where = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     print(f"host overhead: 12-layer hidden-16 teacher -> 6 layers, vocabulary {teacher.config.vocab_size}, "
@@ -357,7 +396,9 @@ def bench_overhead(args):
     print(f"  train.py's step (distil_step, default recipe):           {ms['ours']:8.2f} ms")
     print(f"  minimal loop (teacher fwd, student fwd+bwd, KL, AdamW):  {ms['minimal']:8.2f} ms")
     print(f"  ratio: {ms['ours'] / ms['minimal']:.2f}x")
-    return ms
+    print(f"  aten calls per optimizer step (eager kernels; read-backs among them): train.py's step "
+          f"{calls['ours'][0]} ({calls['ours'][1]}), minimal loop {calls['minimal'][0]} ({calls['minimal'][1]})")
+    return ms, calls
 
 
 # ---------------------------------------------------------------------------------------------
