@@ -148,11 +148,14 @@ def prepared_mask(model, attention_mask):
     masks nothing), a read-back that drains a GPU's queue; given a 4-D mask, it uses it as it is.
     The batch is known to be padded (the caller passes None otherwise), so the answer is known:
     the mask is built without asking, exactly as the model would build it. Models whose attention
-    does not go through transformers' attention functions (DeBERTa, MPNet: relative positions)
-    build their own masks: they get the 2-D mask, as before.
+    does not go through transformers' attention functions (DeBERTa, MPNet: relative positions), or
+    whose layers take different masks (ModernBERT's sliding windows), build their own masks: they
+    get the 2-D mask, as before.
     """
     inner = unwrap(model)
-    if attention_mask is None or not getattr(inner, "_supports_attention_backend", False):
+    # one mask for every layer: not for models with sliding-window layers (ModernBERT builds a second mask)
+    full_attention = all(kind == "full_attention" for kind in getattr(inner.config, "layer_types", None) or ())
+    if attention_mask is None or not getattr(inner, "_supports_attention_backend", False) or not full_attention:
         return attention_mask
     from transformers.masking_utils import create_bidirectional_mask
     # only the shape, dtype and device of the embeddings are read: a zero-stride stand-in

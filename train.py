@@ -42,8 +42,8 @@ from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
 from tasks import TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
-from train_step import (dropout_seed, forward_backward, get_lr, global_denominators, host_to_device, make_optimizer,
-                        optimizer_step)
+from train_step import (bf16_all_reduce_hook, dropout_seed, forward_backward, get_lr, global_denominators,
+                        host_to_device, make_optimizer, optimizer_step)
 
 
 def run_config(args, world_size, dtype, dtype_reason):
@@ -226,7 +226,16 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
                             device_id=device if device.type == "cuda" else None)
     # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
     # toolkits do, would all-reduce nothing at a cost).
-    return DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+    # Buckets that are the gradients themselves (no copy of every gradient), no broadcast of the buffers
+    # (the constant position and token-type ids) every step, the graph's bookkeeping done once: every
+    # step reaches the same parameters (freeze_unreached froze the others). Not with --grad-accum: a
+    # static graph whose first backward skips the all-reduce fails an internal assert (torch 2.13).
+    # --ddp-bf16-grads halves the all-reduce's bytes (each gradient rounded to bf16 on the wire).
+    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                broadcast_buffers=False, static_graph=args.grad_accum == 1)
+    if args.ddp_bf16_grads:
+        model.register_comm_hook(None, bf16_all_reduce_hook)
+    return model
 
 
 def open_run_folder(args, config, step):

@@ -85,3 +85,16 @@ def test_a_task_step_with_the_prepared_mask_is_the_2d_masks():
     old_terms, old_grads = losses_and_grads(step, student, teacher, batch, cfg, two_d=True)
     assert all(torch.equal(new_terms[k], old_terms[k]) for k in new_terms)
     assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+
+
+def test_models_that_build_their_own_masks_get_the_2d_mask():
+    """ModernBERT's sliding-window layers take a second mask built from the 2-D one; DeBERTa builds its own."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    modern = ModernBertForMaskedLM(ModernBertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3,
+                                                    num_attention_heads=2, intermediate_size=64, pad_token_id=0))
+    deberta = DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=64))
+    assert distil.prepared_mask(modern, mask) is mask and distil.prepared_mask(deberta, mask) is mask
+    bert = BertForMaskedLM(BertConfig(**TINY))
+    assert distil.prepared_mask(bert, mask).shape == (2, 1, 4, 4)
