@@ -296,7 +296,12 @@ def save_student(student, tokenizer, out_dir):
     tokenizer.save_pretrained(tmp)
     check_reloads(student, tokenizer, tmp)
     names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+    # transformers 5 writes model.safetensors through a private temporary file (mode 0600): on a shared
+    # cluster no one else could load the student. Every file gets what the user's umask gives new files.
+    umask = os.umask(0)
+    os.umask(umask)
     for name in names:
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
 

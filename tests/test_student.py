@@ -298,3 +298,18 @@ def test_hub_name_teacher_is_checked_too(tiny_teacher, bert_tokenizers, tmp_path
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "its vocabulary differs from the teacher's own tokenizer" in result.stdout, result.stdout
+
+
+def test_saved_student_files_are_readable_as_the_umask_allows(tiny_teacher, tmp_path):
+    """transformers 5 writes model.safetensors with mode 0600: save_student gives every file of the
+    student what the user's umask gives new files, so others on a shared cluster can load it."""
+    teacher = load_teacher(tiny_teacher)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.umask(0o022)
+    try:
+        save_student(make_student(teacher, [0, 2]), AutoTokenizer.from_pretrained(tiny_teacher), str(out))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
