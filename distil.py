@@ -21,8 +21,9 @@ Nothing in the step reads a value back from the GPU, so the host queues the next
 GPU runs: which rows each loss reads is decided on the host, before the forward, from the numpy
 attention mask and labels (`batch_rows`), and travels with the batch as index tensors; the losses
 gather with `index_select`, and divide by row counts the host already knows. A batch without
-padding runs with attention_mask=None, so the model builds no mask (and transformers need not
-check the mask for padding, which reads it back) and SDPA takes its fastest kernel.
+padding runs with attention_mask=None, so the model builds no mask and SDPA takes its fastest
+kernel; a padded batch gives the models their 4-D mask ready-made (prepared_mask), so that
+transformers need not check the mask for padding, which reads it back.
 """
 
 from dataclasses import dataclass
@@ -140,6 +141,32 @@ def at_rows(x, rows):
     return flat if rows is None else flat.index_select(0, rows)
 
 
+def prepared_mask(model, attention_mask):
+    """The attention mask `model` builds from the (B, L) padding mask, built here, as the (B, 1, L, L)
+    mask its attention functions take: boolean for SDPA, additive (0 or the dtype's minimum, in the
+    embeddings' dtype) for eager attention and distil_capture, by transformers' own mask builder.
+
+    Given a 2-D mask, transformers asks `padding_mask.all()` in every forward (to drop a mask that
+    masks nothing), a read-back that drains a GPU's queue; given a 4-D mask, it uses it as it is.
+    The batch is known to be padded (the caller passes None otherwise), so the answer is known:
+    the mask is built without asking, exactly as the model would build it. Models whose attention
+    does not go through transformers' attention functions (DeBERTa, MPNet: relative positions), or
+    whose layers take different masks (ModernBERT's sliding windows), build their own masks: they
+    get the 2-D mask, as before.
+    """
+    inner = unwrap(model)
+    # one mask for every layer: not for models with sliding-window layers (ModernBERT builds a second mask)
+    full_attention = all(kind == "full_attention" for kind in getattr(inner.config, "layer_types", None) or ())
+    if attention_mask is None or not getattr(inner, "_supports_attention_backend", False) or not full_attention:
+        return attention_mask
+    from transformers.masking_utils import create_bidirectional_mask
+    # only the shape, dtype and device of the embeddings are read: a zero-stride stand-in
+    embeds = torch.empty((), dtype=inner.get_input_embeddings().weight.dtype,
+                         device=attention_mask.device).expand(*attention_mask.shape, 1)
+    return create_bidirectional_mask(config=inner.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                                     allow_is_bidirectional_skip=False)
+
+
 def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states):
     """Run a masked LM, projecting onto the vocabulary only at `rows` (int64 flat indices into the
     B * L positions, or None for all of them).
@@ -156,7 +183,7 @@ def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states
 
     handle = unwrap(model).base_model.register_forward_hook(keep_rows)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
+        out = model(input_ids=input_ids, attention_mask=prepared_mask(model, attention_mask),
                     output_hidden_states=output_hidden_states)
     finally:
         handle.remove()

@@ -18,6 +18,8 @@ Conventions shared by every function here:
   teacher's "dark knowledge".
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -71,22 +73,52 @@ def _kl_block(student_block, teacher_block, temperature):
     return kl, (log_p_s.exp() - p_t) / temperature
 
 
-_compiled_kl_block = None
+_warned = set()
 
 
-def _kl_block_for(device):
-    """On a GPU, _kl_block compiled into one fused kernel (it reads each block of logits once and
-    writes its gradient once, instead of about 23 passes of separate kernels); on a CPU the eager
-    function, which was as fast there and needs no compiler."""
-    global _compiled_kl_block
-    if device.type != "cuda":
-        return _kl_block
-    if _compiled_kl_block is None:
+def compiled_or_eager(fn, what, devices=("cuda",), **options):
+    """`fn` run through torch.compile(fn, **options) on the `devices` types, decided once per process
+    by compiling and running it at its first call there: compilation happens then, not when
+    torch.compile() returns, so a try/except around torch.compile() alone catches nothing. If that
+    first call fails (no C compiler, a broken Triton: Inductor raises BackendCompilerFailed), one
+    line on stderr says so and `fn` runs eagerly from then on; it computes the same numbers, more
+    slowly. A later compilation failure (a recompile for a new shape) falls back the same way.
+    Elsewhere `fn` itself. The first tensor among the arguments says the device."""
+    choice = {}
+
+    def fall_back(error):
+        choice["fn"] = fn
+        if what in _warned:  # one line per compiled thing, not one per layer or per call
+            return
+        _warned.add(what)
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"warning: torch.compile of {what} failed ({type(error).__name__}: {first[:200]}); running it "
+              "eagerly (the same numbers, slower)", file=sys.stderr, flush=True)
+
+    def call(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+        if device is None or device.type not in devices:
+            return fn(*args, **kwargs)
+        if "fn" not in choice:
+            choice["fn"] = torch.compile(fn, **options)
+            try:
+                return choice["fn"](*args, **kwargs)
+            except Exception as error:  # the first compilation: any failure means no working compiler
+                fall_back(error)
+                return fn(*args, **kwargs)
         try:
-            _compiled_kl_block = torch.compile(_kl_block, dynamic=True)
-        except Exception:  # no working compiler (e.g. Triton missing): the eager blocks compute the same
-            _compiled_kl_block = _kl_block
-    return _compiled_kl_block
+            return choice["fn"](*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            fall_back(error)
+            return fn(*args, **kwargs)
+    call.choice = choice  # {"fn": what runs} once decided (tests read it)
+    return call
+
+
+# On a GPU, _kl_block compiled into one fused kernel (it reads each block of logits once and writes its
+# gradient once, instead of about 23 passes of separate kernels); on a CPU the eager function, which
+# was as fast there and needs no compiler.
+kl_block = compiled_or_eager(_kl_block, "the KL block (losses._kl_block)", dynamic=True)
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -110,7 +142,6 @@ class _ChunkedKL(torch.autograd.Function):
         grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
         grad = torch.empty_like(student_logits, dtype=grad_dtype) if student_logits.requires_grad else None
         kl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        kl_block = _kl_block_for(student_logits.device)
         for i in range(0, student_logits.shape[0], rows_per_block):
             block_kl, block_grad = kl_block(student_logits[i:i + rows_per_block],
                                             teacher_logits[i:i + rows_per_block], temperature)

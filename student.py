@@ -277,7 +277,7 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
     return student.train()
 
 
-def compile_layers(model):
+def compile_layers(model, compile=torch.compile):
     """torch.compile each encoder layer's forward on its own (one graph, reused by every layer), and
     leave the rest in Python: the embeddings, transformers' recording of hidden states (forward hooks
     on the layers, outside the compiled forward) and the row selection before the MLM head.
@@ -285,12 +285,14 @@ def compile_layers(model):
     transformers records attention maps through forward hooks on the attention modules, inside the
     layers, which read a ContextVar that torch.compile cannot trace: a graph break in every layer.
     Attention maps are never asked of the student (the attention losses capture their own), so those
-    hooks are removed. They are installed at the first forward: call this after one.
+    hooks are removed. They are installed at the first forward: call this after one. `compile`:
+    torch.compile, or a wrapper that falls back to eager when compilation fails (train.py passes
+    losses.compiled_or_eager).
     """
     for layer in encoder_layers(model):
         for module in layer.modules():
             for key, hook in list(module._forward_hooks.items()):
                 if module is not layer and getattr(hook, "__name__", "") == "output_capturing_hook":
                     del module._forward_hooks[key]
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = compile(layer.forward)
     return model

@@ -35,7 +35,7 @@ import torch
 
 from data import epoch_batches
 from token_cache import DataError, dataset_fingerprint, is_dataset, open_dataset, plain_backend, read_records
-from distil import at_rows, layer_terms, prepare_layer_losses, unwrap, weighted
+from distil import at_rows, layer_terms, prepare_layer_losses, prepared_mask, unwrap, weighted
 from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, mse_loss, multi_label_kd_loss, regression_loss
 
 # KINDS: what the task head predicts, as transformers' problem_type names it, and token classification.
@@ -699,8 +699,7 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
     denominators = denominators or count_task_rows(batch, cfg)
     attention_mask = batch["attention_mask"] if batch["padded"] else None
     real_rows = batch["real_rows"] if batch["padded"] else None
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_mask,
-              "output_hidden_states": cfg.needs_hidden_states()}
+    inputs = {"input_ids": batch["input_ids"], "output_hidden_states": cfg.needs_hidden_states()}
     if "token_type_ids" in batch:  # the segment of each token of a text pair (BERT-style models)
         inputs["token_type_ids"] = batch["token_type_ids"]
     prepare_layer_losses(student, teacher, cfg)
@@ -709,8 +708,8 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
     teacher_out = None
     if cfg.needs_teacher():
         with torch.no_grad():
-            teacher_out = teacher(**inputs)
-    student_out = student(**inputs)
+            teacher_out = teacher(**inputs, attention_mask=prepared_mask(teacher, attention_mask))
+    student_out = student(**inputs, attention_mask=prepared_mask(student, attention_mask))
     student_logits = student_out.logits
     terms = {}
     if cfg.needs_teacher_logits():

@@ -41,6 +41,7 @@ from embeddings import KIND as EMBEDDING, embedding_run
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
 from heldout import evaluate_masked_lm, evaluate_task_model, gold, label_order_sample, label_order_warning
+from losses import compiled_or_eager
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
@@ -49,8 +50,8 @@ from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
 from tasks import TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
-from train_step import (dropout_seed, forward_backward, get_lr, global_denominators, host_to_device, make_optimizer,
-                        optimizer_step)
+from train_step import (bf16_all_reduce_hook, dropout_seed, forward_backward, get_lr, global_denominators,
+                        host_to_device, make_optimizer, optimizer_step)
 
 
 def run_config(args, world_size, dtype, dtype_reason):
@@ -90,7 +91,9 @@ def setup_device(args):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # modulo the visible devices: launchers that show each process only its own GPU (Slurm's srun with
+    # --gpus-per-task) still set LOCAL_RANK to the process's rank on the node
+    device = torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,6 +138,16 @@ def main(argv=None):
         print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
+    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
+    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data. The
+    # workers fork here, before the process group starts: a process forked after NCCL has set up
+    # InfiniBand/RDMA can hang or crash (the workers touch neither CUDA nor NCCL).
+    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
+    if num_workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
+    stream = iter(micro_batch_loader(run.dataset, (ckpt["step"] if ckpt is not None else 0) * args.grad_accum,
+                                     total_steps * args.grad_accum, num_workers, pin_memory=device.type == "cuda"))
+
     # ---- the models on the device, DDP, the optimizer ----
     student, cfg = inputs.student, inputs.cfg
     model = place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master)
@@ -175,13 +188,6 @@ def main(argv=None):
         log(args, master, {"step": step, **prefixed("teacher_", teacher_scores)}, loggers)
 
     # ---- the loop ----
-    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
-    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data.
-    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
-    if num_workers:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
-    stream = iter(micro_batch_loader(run.dataset, step * args.grad_accum, total_steps * args.grad_accum, num_workers,
-                                     pin_memory=device.type == "cuda"))
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     skipped, bad_steps, train_seconds, data_seconds = state.skipped, 0, 0.0, 0.0
     last_save = time.monotonic()  # --save-every-minutes: each rank's own clock; the step's all-reduce agrees
@@ -283,7 +289,8 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
     if frozen and master:
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
     if args.compile:  # after the probe's forward (see compile_layers)
-        compile_layers(student)
+        compile_layers(student, partial(compiled_or_eager, what="the student's encoder layers",
+                                        devices=("cuda", "cpu")))
     if world_size == 1:
         return student
     # A timeout, so that the ranks left waiting for a lost one end (cluster.process_group_options)
@@ -292,7 +299,16 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
                             **process_group_options(args.collective_timeout))
     # Only the student is wrapped: the teacher has no gradients to synchronise (and wrapping it, as some
     # toolkits do, would all-reduce nothing at a cost).
-    return DDP(student, device_ids=[local_rank] if device.type == "cuda" else None)
+    # Buckets that are the gradients themselves (no copy of every gradient), no broadcast of the buffers
+    # (the constant position and token-type ids) every step, the graph's bookkeeping done once: every
+    # step reaches the same parameters (freeze_unreached froze the others). Not with --grad-accum: a
+    # static graph whose first backward skips the all-reduce fails an internal assert (torch 2.13).
+    # --ddp-bf16-grads halves the all-reduce's bytes (each gradient rounded to bf16 on the wire).
+    model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                broadcast_buffers=False, static_graph=args.grad_accum == 1)
+    if args.ddp_bf16_grads:
+        model.register_comm_hook(None, bf16_all_reduce_hook)
+    return model
 
 
 def open_run_folder(args, config, step):

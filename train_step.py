@@ -42,12 +42,29 @@ def host_to_device(values, device):
     """Host numbers as a float64 tensor on `device`, without making the host wait for the device
     (a pinned buffer and an asynchronous copy on a GPU)."""
     tensor = torch.tensor(values, dtype=torch.float64)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def dropout_seed(seed, step, rank):
     """The seed of step `step`'s dropout on rank `rank`: a resumed run replays it with no RNG state."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def bf16_all_reduce_hook(process_group, bucket):
+    """A DDP communication hook (DDP.register_comm_hook(None, this)): each bucket of gradients is
+    divided by the number of ranks and all-reduced in bf16, half the bytes of fp32, then written back
+    in the gradients' dtype. Each entry is rounded to bf16 (8 bits of mantissa) on the wire. torch's
+    bf16_compress_hook is the same algorithm but refuses anything but NCCL; this one also runs on gloo,
+    where the tests run it."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size(group))
+    reduced = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def write_back(future):
+        buffer = bucket.buffer()
+        buffer.copy_(future.value()[0])
+        return buffer
+    return reduced.then(write_back)
 
 
 def global_denominators(micro, count, device, world_size=1):

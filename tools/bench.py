@@ -6,6 +6,8 @@
     python -m tools.bench --tokenize              # tokenizer/cache throughput instead of the step
     python -m tools.bench --overhead              # host overhead: train.py's step vs a minimal loop, at width 16
     python -m tools.bench --train                 # train.py's own loop end to end beside the step benchmark
+    python -m tools.bench --gpu-check             # the first command on a GPU: bert-base -> 6, 3 shapes, eager and
+                                                  # compiled, MFU, sync-debug, the GPU tests, a docs/speed.md table
     torchrun --nproc_per_node=8 -m tools.bench --train --model bert-base --seq-len 512   # the same on 8 GPUs
 
 Every variant runs in its own process (peak RSS only ever rises), on the same batches, with the
@@ -18,10 +20,12 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from unittest import mock
@@ -45,11 +49,15 @@ MODELS = {  # teacher shapes; random weights are as fast as trained ones
     "cpu": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
-PEAK_TFLOPS = {  # dense tensor-core peaks from the vendors' data sheets: (bf16/fp16, fp32); the first key
-    # found in torch.cuda.get_device_name() wins, so the specific names come before the general ones
-    "H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H100": (989, 67), "H200": (989, 67), "H800": (989, 67),
-    "A100": (312, 19.5), "A800": (312, 19.5), "A10": (125, 31), "L40S": (362, 91), "L4": (121, 30),
-    "V100": (125, 15.7), "T4": (65, 8.1), "RTX 4090": (165, 83),
+PEAK_TFLOPS = {  # dense peaks from the vendors' data sheets: (bf16/fp16 tensor cores, TF32 tensor cores,
+    # plain fp32). A name matches a card when its words appear, whole and in order, among the card's
+    # (torch.cuda.get_device_name(), split at spaces and hyphens), and the longest matching name wins:
+    # "L4" is not an "L40", "H200" not an "H200 NVL", "A10" not an "A10G" (absent: no MFU is printed).
+    "H100": (989, 494, 67), "H100 PCIe": (756, 378, 51), "H100 NVL": (835, 418, 60),
+    "H200": (989, 494, 67), "H200 NVL": (835, 418, 60), "H800": (989, 494, 67),
+    "A100": (312, 156, 19.5), "A800": (312, 156, 19.5), "A10": (125, 62.5, 31.2),
+    "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5), "L4": (121, 60, 30.3),
+    "V100": (125, 15.7, 15.7), "T4": (65, 8.1, 8.1), "RTX 4090": (165, 82.6, 82.6),  # no TF32 before Ampere
 }
 VARIANTS = {  # name: (what is turned off, in words)
     "textbook": "the research code's step, float32",
@@ -143,10 +151,21 @@ def mfu(teacher_config, n_student_layers, seq_len, kd_on, tokens_per_s, dtype, m
     return (None if peak is None else flops * tokens_per_s / (peak * 1e12)), peak, name
 
 
-def peak_tflops(card, dtype):
-    """The dense peak TFLOPS of the card named `card` (torch.cuda.get_device_name) in `dtype`, or None."""
-    peak = next((p for key, p in PEAK_TFLOPS.items() if key in card), None)
-    return None if peak is None else peak[0] if dtype != torch.float32 else peak[1]
+def peak_tflops(card, dtype, tf32=None):
+    """The dense peak TFLOPS of the card named `card` (torch.cuda.get_device_name) in `dtype`, or None
+    for a card PEAK_TFLOPS lacks. float32 matrix products run on TF32 tensor cores when `tf32` (default:
+    torch.backends.cuda.matmul.allow_tf32, which train.py sets): the peak is then TF32's, not fp32's,
+    else an fp32 run could show an MFU above 100%."""
+    words = re.split(r"[\s\-_]+", card.upper())
+    found = [key for key in PEAK_TFLOPS if any(words[i:i + len(key.split())] == key.upper().split()
+                                               for i in range(len(words)))]
+    if not found:
+        return None
+    low_precision, tf32_peak, fp32_peak = PEAK_TFLOPS[max(found, key=lambda key: len(key.split()))]
+    if dtype != torch.float32:
+        return low_precision
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+    return tf32_peak if tf32 else fp32_peak
 
 
 def run_variant(args):
@@ -225,15 +244,30 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
     times, tokens = [], 0
     names = ["loss"] + list(first_terms)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    for i, batch in enumerate(batches):
-        sync()
-        start = time.perf_counter()
-        losses = forward_backward(model, teacher, [batch], step_fn, cfg, None, names, device, autocast, scaler)
-        optimizer_step(student, optimizer, scaler, losses, 5.0)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens += int(batch["attention_mask"].sum())
+    n_tokens = [int(batch["attention_mask"].sum()) for batch in batches]  # read before the timed steps
+    syncs = []  # --sync-debug: each synchronising call torch names in the timed steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, batch in enumerate(batches):
+            sync()
+            if args.sync_debug and i == args.warmup:
+                torch.cuda.set_sync_debug_mode("warn")
+                del caught[:]
+            start = time.perf_counter()
+            losses = forward_backward(model, teacher, [batch], step_fn, cfg, None, names, device, autocast, scaler)
+            optimizer_step(student, optimizer, scaler, losses, 5.0)
+            if args.sync_debug:
+                torch.cuda.set_sync_debug_mode("default")  # the timing's own synchronize is not counted
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+                tokens += n_tokens[i]
+            if args.sync_debug and i >= args.warmup:
+                syncs += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+                del caught[:]
+                torch.cuda.set_sync_debug_mode("warn")
+        if args.sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
     if args.profile:  # where the time goes: one more step under the profiler, the costliest ops first
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -248,6 +282,8 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
     result = {"variant": variant, "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds / len(times),
               "peak_mb": peak_mb, "losses": first_terms, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "dtype": str(dtype).replace("torch.", "") + (", compiled" if args.compile else "")}
+    if args.sync_debug:
+        result.update(syncs_per_step=len(syncs) / max(1, len(times)), first_sync=syncs[0] if syncs else None)
     if device.type == "cuda":  # model FLOPs utilisation: teacher forward + student forward and backward
         util, peak_tflops, _ = mfu(teacher.config, student.config.num_hidden_layers, args.seq_len, kd_on,
                                    result["tokens_per_s"], dtype)
@@ -303,6 +339,24 @@ def minimal_step(student, teacher, optimizer, batch, autocast, temperature=2.0):
     optimizer.zero_grad(set_to_none=True)
 
 
+def count_aten_calls(fn):
+    """How many aten operators `fn()` dispatches to kernels: after autograd and decompositions, the
+    calls a GPU would launch one kernel each for in eager mode (on a CPU the backward runs on this
+    thread and counts too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
 def bench_overhead(args):
     """ms per step of train.py's step and of the minimal loop, interleaved on the same batches (so both
     see the same load), at negligible width: a 12-layer teacher of hidden size 16 -> 6 layers. What is
@@ -349,6 +403,10 @@ def bench_overhead(args):
             if i >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - start))
     ms = {name: float(np.median(t)) for name, t in times.items()}
+    calls = {"ours": count_aten_calls(lambda: train_py_step(student, student, teacher, ours_opt, scaler, batches[-1:],
+                                                            cfg, device, autocast, names, n_steps, window)),
+             "minimal": count_aten_calls(lambda: minimal_step(twin, teacher, minimal_opt,
+                                                              to_device(batches[-1], device), autocast))}
     where = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     print(f"host overhead: 12-layer hidden-16 teacher -> 6 layers, vocabulary {teacher.config.vocab_size}, "
@@ -357,7 +415,9 @@ def bench_overhead(args):
     print(f"  train.py's step (distil_step, default recipe):           {ms['ours']:8.2f} ms")
     print(f"  minimal loop (teacher fwd, student fwd+bwd, KL, AdamW):  {ms['minimal']:8.2f} ms")
     print(f"  ratio: {ms['ours'] / ms['minimal']:.2f}x")
-    return ms
+    print(f"  aten calls per optimizer step (eager: one kernel each on a GPU): train.py's step {calls['ours']}, "
+          f"minimal loop {calls['minimal']}")
+    return ms, calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +579,53 @@ def run_all(args, argv):
             print(f"  {name} ({r['dtype']}): {worst:.1e}  " + ", ".join(f"{k}={v:.5g}" for k, v in r["losses"].items()))
 
 
+GPU_CHECK_SHAPES = ((32, 128), (16, 512), (128, 128))  # batch x sequence length
+GPU_CHECK_TESTS = ("tests/test_sync.py", "tests/test_step_faults.py")  # train.main on --device auto: the GPU
+
+
+def gpu_check(args):
+    """The first command to run on a GPU (about 10 minutes on one card): bert-base -> 6 layers at each
+    of GPU_CHECK_SHAPES, eager and compiled (torch.compile of the student), tokens/s and MFU against
+    the card's peak, with torch's sync-debug mode on in the timed steps (each synchronising call is
+    counted: optimizer_step's one read-back per step is expected, nothing else); then the tests that
+    run train.main on the GPU; then the table for docs/speed.md."""
+    if not torch.cuda.is_available():
+        sys.exit("error: --gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); run it on "
+                 "a GPU machine: python -m tools.bench --gpu-check")
+    rows = []
+    for batch_size, seq_len in GPU_CHECK_SHAPES:
+        for compiled in (False, True):
+            cmd = [sys.executable, "-m", "tools.bench", "--model", "bert-base", "--variant", "ours-masked",
+                   "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--dtype", args.dtype, "--sync-debug"] + (["--compile"] * compiled)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            r = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
+                {"error": out.stderr[-300:]}
+            rows.append(((batch_size, seq_len), "compiled" if compiled else "eager", r))
+            print(f"{batch_size} x {seq_len} {rows[-1][1]}: {r}", file=sys.stderr, flush=True)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *GPU_CHECK_TESTS], capture_output=True,
+                           text=True, cwd=ROOT)
+    print(gpu_check_table(rows, torch.cuda.get_device_name()))
+    print(f"\ntests on the GPU ({' '.join(GPU_CHECK_TESTS)}): "
+          f"{(tests.stdout.strip().splitlines() or ['no output'])[-1]}")
+    return rows
+
+
+def gpu_check_table(rows, card):
+    """--gpu-check's rows as the markdown table docs/speed.md takes."""
+    lines = [f"bert-base -> 6 layers on {card}, default recipe (KD and MLM at the masked rows), packed batches",
+             "", "| batch x seq | step | dtype | tokens/s | ms/step | MFU | peak MB | syncs/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (batch_size, seq_len), mode, r in rows:
+        if "error" in r:
+            lines.append(f"| {batch_size} x {seq_len} | {mode} | failed: {r['error'].splitlines()[-1:]} |||||||")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}% of {r['peak_tflops']}" if "mfu" in r else "-"
+        lines.append(f"| {batch_size} x {seq_len} | {mode} | {r['dtype']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['ms_per_step']:.1f} | {mfu} | {r['peak_mb']:.0f} | {r.get('syncs_per_step', '-')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -547,13 +654,18 @@ def main(argv=None):
     p.add_argument("--overhead", action="store_true",
                    help="host overhead: train.py's step vs a minimal loop at negligible width, in ms and their ratio")
     p.add_argument("--repeat", type=int, default=10, help="with --tokenize: copies of --corpus to tokenize")
+    p.add_argument("--gpu-check", action="store_true", help="the first command on a GPU: bert-base -> 6 at 32x128, "
+                   "16x512, 128x128, eager and compiled, MFU, sync-debug, the GPU tests, a table for docs/speed.md")
+    p.add_argument("--sync-debug", action="store_true", help="with --variant on a GPU: count synchronising calls")
     args, train_flags = p.parse_known_args(argv)
     if train_flags and not args.train:
         p.error(f"unrecognized arguments: {' '.join(train_flags)}")
     if args.model is None:
         args.model = "bert-base" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     if args.steps is None:
-        args.steps = 50 if args.overhead else 20 if args.train else 5
+        args.steps = 50 if args.overhead else 20 if args.train or args.gpu_check else 5
+    if args.gpu_check:
+        return gpu_check(args)
     if args.tokenize:
         return bench_tokenize(args)
     if args.overhead:
