@@ -8,7 +8,7 @@ One node, 8 GPUs: torchrun --nproc_per_node=8 train.py --config configs/distilbe
 The run, top to bottom: flags -> distributed setup -> teacher (its class says masked LM or task),
 tokenizer, data, student, all checked before anything is written (run_inputs.py) -> the one place
 where a masked-LM run and a task run differ (pick_run: the step, the row counts, the batches, the
-evaluation) -> DDP, optimizer, resume -> the loop: for each step, fetch the micro-batches, agree on
+evaluation) -> DDP, optimizer, resume (run_folder.py) -> the loop: for each step, fetch the micro-batches, agree on
 the denominators across ranks, forward/backward each micro-batch, clip and step (train_step.py),
 log, evaluate, checkpoint -> save the student in Hugging Face format.
 """
@@ -19,7 +19,6 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line, not a traceback from an import
     signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
 
-import json
 import os
 import time
 from functools import partial
@@ -31,11 +30,9 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoint_path,
-                        checkpoints_size, finished_run, list_checkpoints, load_latest, load_optimizer_state,
-                        lock_out_dir, resuming, save_checkpoint, stop_signals, truncate_metrics)
-from cluster import (ClusterError, check_restartable, check_shared_out, inductor_cache, process_group_options,
-                     split_global_batch, wait_for_ranks)
+from checkpoint import (CheckpointError, check_out_dir, check_resumable, check_same_corpus, checkpoints_size,
+                        list_checkpoints, load_latest, stop_signals)
+from cluster import ClusterError, process_group_options, wait_for_ranks
 from data import MicroBatches, micro_batch_loader
 from embeddings import KIND as EMBEDDING, embedding_run
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
@@ -45,6 +42,7 @@ from losses import compiled_or_eager
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
+from run_folder import open_run_folder, resume_state, run_config, save_run_checkpoint, start_or_resume
 from run_inputs import load_inputs
 from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
@@ -52,38 +50,6 @@ from tasks import TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
 from train_step import (bf16_all_reduce_hook, dropout_seed, forward_backward, get_lr, global_denominators,
                         host_to_device, make_optimizer, optimizer_step)
-
-
-def run_config(args, world_size, dtype, dtype_reason):
-    """The run's settings as recorded in checkpoints and run.json: the flags, with the dtype resolved
-    (never "auto": a resume compares what was computed) and the global batch standing for its split."""
-    config = {k: v for k, v in vars(args).items()}
-    config.update(dtype=dtype, dtype_requested=args.dtype, dtype_reason=dtype_reason,
-                  global_batch=args.batch_size * args.grad_accum * world_size)
-    return config
-
-
-def start_or_resume(args, rank, world_size, master):
-    """Before any work, on every rank: --global-batch split over this many ranks (the accumulation);
-    --out checked to be one folder for all nodes; --resume auto turned into a start or a resume
-    (args.resume becomes a bool). Returns the step of a finished run in --out (after one line saying
-    so; nothing is rewritten), else None."""
-    if args.global_batch is not None:  # the same global batch on any number of ranks: the same run
-        args.grad_accum = split_global_batch(args.global_batch, args.batch_size, world_size)
-    if args.compile:
-        inductor_cache(args.out)  # compiled kernels kept in --out, for a restarted group on any node
-    if args.cache_only:  # tokenizes; neither reads nor writes --out
-        args.resume = False
-        return None
-    check_restartable()
-    check_shared_out(args.out, rank, world_size)  # every rank reads what rank 0 writes there
-    done = finished_run(args.out, args) if args.resume else None
-    if done is not None and master:
-        more = ("a larger --max-steps extends it" if list_checkpoints(args.out) else
-                "its checkpoints are deleted, so a longer run is a new run, in another --out")
-        print(f"{args.out} holds a finished run (step {done}): nothing to do; {more}")
-    args.resume = resuming(args.out, args.resume)  # --resume auto: resume if there is a checkpoint
-    return done
 
 
 def setup_device(args):
@@ -237,8 +203,8 @@ def main(argv=None):
             # Not during a run of bad steps: the last good checkpoint stays the newest.
             saved = (step % args.save_every == 0 or step == total_steps or result["save"]) and bad_steps == 0
             if saved or result["stop"]:
-                last_ckpt = save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window,
-                                 n_logged, n_batches, master, ddp)
+                last_ckpt = save_run_checkpoint(args, config, student, optimizer, scaler, step, teacher_scores, skipped,
+                                                window, n_logged, n_batches, master, ddp)
                 last_save = time.monotonic()
             if result["stop"]:
                 if master:
@@ -311,18 +277,6 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
     return model
 
 
-def open_run_folder(args, config, step):
-    """Rank 0's --out: created and locked (the lock is returned, and held while it is referenced or
-    the process lives), run.json written, and what a crashed run logged after the checkpoint we
-    resume from dropped from metrics.jsonl (a new run starts it empty)."""
-    os.makedirs(args.out, exist_ok=True)
-    lock = lock_out_dir(args.out)
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    truncate_metrics(args.out, step if args.resume else -1)
-    return lock
-
-
 def load_teacher_and_kind(args):
     """The teacher (None to fine-tune without one) and what the run does, which its class says: a
     masked LM (kind None) or a task (one of tasks.KINDS); then the recipe's defaults for that kind."""
@@ -381,39 +335,6 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         dataset=TaskBatches(train_data, tokenizer.pad_token_id, args.batch_size, args.seed, n_batches, rank,
                             world_size),
         evaluate=evaluate, write_card=write_card, save=save_student)
-
-
-def resume_state(ckpt, ckpt_path, student, optimizer, scaler, n_terms, master):
-    """The loop's state at its start: a checkpoint's (weights, optimizer and scaler loaded in place,
-    the step, the teacher's held-out scores, the skipped steps, the log window, the RNG), or a new run's."""
-    if ckpt is None:
-        return SimpleNamespace(step=0, teacher_scores=None, skipped=0, window=[0.0] * (n_terms + 1), n_logged=0)
-    student.load_state_dict(ckpt["student"])
-    load_optimizer_state(optimizer, ckpt["optimizer"])  # with this run's fused/foreach, not the saved run's
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    window, n_logged = ckpt["log_window"]  # losses since the last log line, so the next one is whole
-    teacher_ppl = ckpt["teacher_ppl"]
-    if master:
-        print(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return SimpleNamespace(step=ckpt["step"], teacher_scores=None if teacher_ppl is None else {"ppl": teacher_ppl},
-                           skipped=ckpt["skipped_steps"], window=window, n_logged=n_logged)
-
-
-def save(args, config, student, optimizer, scaler, step, teacher_scores, skipped, window, n_logged, n_batches, master,
-         ddp):
-    """Rank 0 writes the checkpoint of `step` (checkpoint.save_checkpoint: atomic, the last --keep
-    kept); every rank returns its path (each names it if it stops on NaNs) and waits for the write."""
-    if master:
-        state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "config": config,
-                 "teacher_ppl": (teacher_scores or {}).get("ppl"), "skipped_steps": skipped,
-                 "log_window": (window.tolist(), n_logged),
-                 "rng_cpu": torch.get_rng_state(), "data_position": divmod(step * args.grad_accum, n_batches)}
-        save_checkpoint(state, args.out, args.keep)
-    if ddp:
-        dist.barrier()
-    return checkpoint_path(args.out, step)
 
 
 def prefixed(prefix, scores, drop=("examples",)):
