@@ -284,6 +284,18 @@ def label_order_sample(model, examples, path, pad_id, device, autocast, batch_si
                                {int(i): str(n) for i, n in model.config.id2label.items()}, path)
 
 
+def label_order_warnings(teacher, inputs, args, teacher_predictions, device, autocast):
+    """train.py's check of labels given as bare ids, before the loop: the teacher's predictions on a
+    sample of the training records (label_order_sample) and on --valid (`teacher_predictions`, from
+    its evaluation; None without --valid). Returns the warning lines, none when nothing looks wrong."""
+    warnings = [label_order_sample(teacher, inputs.train_data, args.train, inputs.tokenizer.pad_token_id, device,
+                                   autocast, args.batch_size)]
+    if teacher_predictions is not None and inputs.valid_data.meta.get("labels_as_ids"):
+        warnings.append(label_order_warning(inputs.valid_data.kind, teacher_predictions, gold(inputs.valid_data),
+                                            teacher.config.id2label, args.valid))
+    return [w for w in warnings if w]
+
+
 def label_order_warning(kind, predictions, labels, id2label, path):
     """label_order's finding as one line naming the --label-map that applies the permutation, or None."""
     found = label_order(kind, predictions, labels, len(id2label))

@@ -37,7 +37,7 @@ from data import MicroBatches, micro_batch_loader
 from embeddings import KIND as EMBEDDING, embedding_run
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
-from heldout import evaluate_masked_lm, evaluate_task_model, gold, label_order_sample, label_order_warning
+from heldout import evaluate_masked_lm, evaluate_task_model, label_order_warnings
 from losses import compiled_or_eager
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
@@ -46,7 +46,7 @@ from run_folder import open_run_folder, resume_state, run_config, save_run_check
 from run_inputs import load_inputs
 from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
-from tasks import TaskBatches, count_task_rows, task_probe_batch, task_step
+from tasks import KINDS, TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
 from train_step import (bf16_all_reduce_hook, dropout_seed, forward_backward, get_lr, global_denominators,
                         host_to_device, make_optimizer, optimizer_step)
@@ -104,28 +104,12 @@ def main(argv=None):
         print(f"dtype: {dtype_name} ({dtype_reason})", flush=True)
     run = pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, autocast)
 
-    # Micro-batches are a pure function of their number (seed, epoch, index), built ahead of the loop
-    # by DataLoader workers: a resumed run starts at its step's micro-batch and sees the same data. The
-    # workers fork here, before the process group starts: a process forked after NCCL has set up
-    # InfiniBand/RDMA can hang or crash (the workers touch neither CUDA nor NCCL).
-    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
-    if num_workers:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
-    stream = iter(micro_batch_loader(run.dataset, (ckpt["step"] if ckpt is not None else 0) * args.grad_accum,
-                                     total_steps * args.grad_accum, num_workers, pin_memory=device.type == "cuda"))
+    # The DataLoader's workers fork now, before the process group starts (see micro_batch_stream).
+    stream = micro_batch_stream(run, args, ckpt["step"] if ckpt is not None else 0, total_steps, device, world_size)
 
     # ---- the models on the device, DDP, the optimizer ----
     student, cfg = inputs.student, inputs.cfg
     model = place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master)
-    # Labels given as bare ids may number the classes in another order than the teacher: the teacher's
-    # predictions on a sample of them say so (once, before the loop; never inside a step).
-    label_warnings = []
-    if master and teacher is not None and kind is not None:
-        warning = label_order_sample(teacher, inputs.train_data, args.train, inputs.tokenizer.pad_token_id, device,
-                                     autocast, args.batch_size)
-        if warning:
-            label_warnings.append(warning)
-            print(warning, flush=True)
     betas = tuple(float(b) for b in args.adam_betas.split(","))
     optimizer = make_optimizer(student, args.lr, betas, args.adam_eps, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -145,13 +129,13 @@ def main(argv=None):
     # A task's agreement needs the teacher's predictions, which no checkpoint keeps: computed every run.
     if inputs.valid_data is not None and teacher is not None and (teacher_scores is None or kind is not None):
         teacher_scores, teacher_predictions = run.evaluate(teacher)
-        if kind is not None and inputs.valid_data.meta.get("labels_as_ids"):
-            warning = label_order_warning(kind, teacher_predictions, gold(inputs.valid_data), teacher.config.id2label,
-                                          args.valid)
-            if warning and master:
-                label_warnings.append(warning)
-                print(warning, flush=True)
         log(args, master, {"step": step, **prefixed("teacher_", teacher_scores)}, loggers)
+    # Labels given as bare ids may number the classes in another order than the teacher's: its predictions
+    # say so, once, before the loop (never inside a step).
+    label_warnings = label_order_warnings(teacher, inputs, args, teacher_predictions, device, autocast) \
+        if master and teacher is not None and kind in KINDS else []
+    for warning in label_warnings:
+        print(warning, flush=True)
 
     # ---- the loop ----
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
@@ -213,21 +197,29 @@ def main(argv=None):
     bar.close()
     close_loggers(loggers)
     if step == total_steps and master:
-        run.save(student, inputs.tokenizer, args.out)
-        run.write_card(config, step, valid_scores, teacher_scores)
-        print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
-        if label_warnings:  # the student's label names are the teacher's; the data's ids may not follow them
-            names = ", ".join(f"{i} {n}" for i, n in list(student.config.id2label.items())[:6])
-            print(f"warning: {args.out} keeps the teacher's label names ({names}), which the data's label ids may not "
-                  f"follow (see the warning above{'; with --alpha-kd 0 the student learnt the data ids alone' if not cfg.alpha_kd else ''}); "
-                  "check them, or rerun with --label-map")
-        size = checkpoints_size(args.out) / 1e6
-        print(f"checkpoints: {size:.{0 if size >= 10 else 1}f} MB in {os.path.join(args.out, 'checkpoints')}, "
-              "for --resume; the student does not need them: rm -r that folder to free the space")
+        finish_run(run, student, inputs, args, config, step, valid_scores, teacher_scores, label_warnings,
+                   relabelled_alone=not cfg.alpha_kd)
     end_process_group(ddp)
     if step == total_steps and master and args.push_to_hub:  # after the process group: an upload can be slow
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
     return step
+
+
+def finish_run(run, student, inputs, args, config, step, valid_scores, teacher_scores, label_warnings,
+               relabelled_alone):
+    """Rank 0, once the last step is done: the student and its model card in --out, and what the user
+    should know about them (label names the data's ids may not follow; the checkpoints' size)."""
+    run.save(student, inputs.tokenizer, args.out)
+    run.write_card(config, step, valid_scores, teacher_scores)
+    print(f"saved the student ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters) to {args.out}")
+    if label_warnings:  # the student's label names are the teacher's; the data's ids may not follow them
+        names = ", ".join(f"{i} {n}" for i, n in list(student.config.id2label.items())[:6])
+        alone = "; with --alpha-kd 0 the student learnt the data ids alone" if relabelled_alone else ""
+        print(f"warning: {args.out} keeps the teacher's label names ({names}), which the data's label ids may not "
+              f"follow (see the warning above{alone}); check them, or rerun with --label-map")
+    size = checkpoints_size(args.out) / 1e6
+    print(f"checkpoints: {size:.{0 if size >= 10 else 1}f} MB in {os.path.join(args.out, 'checkpoints')}, "
+          "for --resume; the student does not need them: rm -r that folder to free the space")
 
 
 def end_process_group(ddp):
@@ -340,6 +332,19 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
 def prefixed(prefix, scores, drop=("examples",)):
     """Scores as logged: {prefix + name: value}, without the counts (and what `drop` names)."""
     return {prefix + k: v for k, v in scores.items() if k not in drop}
+
+
+def micro_batch_stream(run, args, start_step, total_steps, device, world_size):
+    """This rank's micro-batches from `start_step` on, built ahead of the loop by DataLoader workers.
+    Micro-batches are a pure function of their number (seed, epoch, index): a resumed run starts at
+    its step's micro-batch and sees the same data. Called before the process group starts: a process
+    forked after NCCL has set up InfiniBand/RDMA can hang or crash (the workers touch neither CUDA nor
+    NCCL)."""
+    num_workers = args.num_workers if args.num_workers is not None else default_workers(device, world_size)
+    if num_workers:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers do not tokenize; silence the fork warning
+    return iter(micro_batch_loader(run.dataset, start_step * args.grad_accum, total_steps * args.grad_accum,
+                                   num_workers, pin_memory=device.type == "cuda"))
 
 
 def default_workers(device, world_size):
