@@ -469,8 +469,8 @@ def evaluate_task(args, student, kind, device, autocast):
                              args.cache_dir or default_cache_dir(), args.text_column or ("tokens" if token else "text"),
                              args.label_column or ("ner_tags" if token else "label"), args.text_pair_column,
                              parse_label_map(args.label_map, id2label))
-    print(examples_note(examples, args.valid), file=sys.stderr)
     check_labelled(examples, args.valid, "--valid")
+    print(examples_note(examples, args.valid), file=sys.stderr)
     batches = lambda: valid_task_batches(examples, tokenizer.pad_token_id, args.batch_size)
     labels = gold(examples)
     teacher_predictions = predict(teacher, batches(), device, autocast) if teacher is not None else None

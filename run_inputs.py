@@ -122,12 +122,12 @@ def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master):
             check_metrics(kind, id2label)
         train_data = read(args.train)
         valid_data = read(args.valid) if args.valid else None
+        check_labelled(train_data, args.train, "--train", args.alpha_label)  # (before the notes: a refusal
+        if valid_data is not None:                                           # is the only line then)
+            check_labelled(valid_data, args.valid, "--valid")
         for path, data in ((args.train, train_data), (args.valid, valid_data)):
             if data is not None and master:
                 print(examples_note(data, path))
-        check_labelled(train_data, args.train, "--train", args.alpha_label)
-        if valid_data is not None:
-            check_labelled(valid_data, args.valid, "--valid")
         if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
             print("fine-tuning without a teacher: the records without a label teach nothing")
         train_corpus = {"tokens": int(train_data.lengths.sum()), "sequences": len(train_data.starts),

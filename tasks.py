@@ -568,7 +568,7 @@ def check_labelled(examples, path, flag, alpha_label=None):
     if m["labelled"] or (flag == "--train" and not alpha_label):
         return
     where = f"no column '{m['label_column']}'" if m.get("has_label_column") is False else \
-        f"no record has a label in '{m['label_column']}'"
+        f"no label in '{m['label_column']}' in any record"
     columns = f" (columns: {', '.join(map(str, m.get('columns') or []))[:120]})" if m.get("columns") else ""
     if flag == "--train":
         raise DataError(f"{path} has {where}{columns}; pass --label-column with the labels' column, or --alpha-label 0 "

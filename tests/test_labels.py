@@ -105,6 +105,25 @@ def test_class_label_ids_are_mapped_to_the_teachers_by_name_ignoring_case(tokeni
     assert not ex.meta["labels_as_ids"]  # names known: no guessing about the order afterwards
 
 
+def test_class_label_ids_are_taken_as_they_are_by_a_teacher_with_unnamed_labels(tokenizer, tmp_path):
+    """A teacher whose labels have no names (LABEL_0 ...) cannot be matched by name: the ClassLabel ids
+    are its ids, said in one line, and the order stays a guess the teacher's predictions check."""
+    pytest.importorskip("datasets", reason="reading a saved dataset needs the optional datasets package")
+    from datasets import ClassLabel, Dataset, Features, Value
+    Dataset.from_dict({"text": ["the cat sat", "a dog ran", "red sky"], "label": [0, 2, 1]},
+                      features=Features({"text": Value("string"),
+                                         "label": ClassLabel(names=["contradiction", "entailment", "neutral"])})
+                      ).save_to_disk(str(tmp_path / "mnli"))
+    ex = load(tmp_path / "mnli", tokenizer, tmp_path, id2label={i: f"LABEL_{i}" for i in range(3)})
+    assert ex.labels.tolist() == [0, 2, 1]
+    note = tasks.examples_note(ex, "mnli")
+    assert "the teacher's labels have no names (LABEL_0 ...): the dataset's ClassLabel ids are taken as its ids " \
+           "(0 contradiction, 1 entailment, 2 neutral)" in note
+    assert ex.meta["labels_as_ids"]
+    with pytest.raises(DataError, match="match none"):  # two named, one unnamed: not a teacher without names
+        load(tmp_path / "mnli", tokenizer, tmp_path / "c2", id2label={0: "LABEL_0", 1: "yes", 2: "no"})
+
+
 def test_class_label_tags_are_mapped_by_name(tokenizer, tmp_path):
     """conll2003's ner_tags and dslim/bert-base-NER number their tags differently."""
     pytest.importorskip("datasets", reason="reading a saved dataset needs the optional datasets package")
@@ -222,16 +241,17 @@ def test_text_alone_trains_when_no_label_is_asked_for(nli_teacher, tmp_path, cap
         train.main(["--teacher", nli_teacher, "--train", path, "--out", str(tmp_path / "o"), "--cache-dir",
                     str(tmp_path / "c"), "--no-progress"])
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "o")
+    assert "taught by the teacher only" not in capsys.readouterr().out  # no note contradicting the refusal
 
 
 def test_a_misspelt_label_field_is_not_taken_for_unlabelled_text(nli_teacher, tmp_path):
     """JSONL records name their own fields: a wrong --label-column used to give a run on the teacher alone."""
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t, "sentiment": "NEUTRAL"} for t in sentences(24, 3)])
-    with pytest.raises(DataError, match=r"no record has a label in 'label' \(columns: sentiment, text\)"):
+    with pytest.raises(DataError, match=r"has no label in 'label' in any record \(columns: sentiment, text\)"):
         train.main(["--teacher", nli_teacher, "--train", path, "--out", str(tmp_path / "o"), "--cache-dir",
                     str(tmp_path / "c"), "--no-progress", "--batch-size", "8"])
     transfer = write_csv(tmp_path / "transfer.csv", ["text"], [(t,) for t in sentences(24, 3)])
-    with pytest.raises(DataError, match=r"--valid .*t\.jsonl has no record has a label in 'label'.*held-out scores need "
+    with pytest.raises(DataError, match=r"--valid .*t\.jsonl has no label in 'label' in any record.*held-out scores need "
                                         r"labels"):
         train.main(["--teacher", nli_teacher, "--train", transfer, "--valid", path, "--alpha-label", "0", "--out",
                     str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-progress"])
