@@ -304,8 +304,8 @@ OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num
 def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window):
     """One optimizer step as train.py's loop takes it in one process, through the same functions
     (train_step.py): the row counts from the host, each micro-batch moved to the device, distilled
-    and backpropagated, unscale and clip, the step's one read-back, the step, the log window summed
-    on the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
+    and backpropagated, unscale and clip, the step (skipped on the device if non-finite), the log
+    window summed on the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
     denominators, tokens = global_denominators(micro, partial(count_rows, cfg=cfg), device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
@@ -587,7 +587,7 @@ def gpu_check(args):
     """The first command to run on a GPU (about 10 minutes on one card): bert-base -> 6 layers at each
     of GPU_CHECK_SHAPES, eager and compiled (torch.compile of the student), tokens/s and MFU against
     the card's peak, with torch's sync-debug mode on in the timed steps (each synchronising call is
-    counted: optimizer_step's one read-back per step is expected, nothing else); then the tests that
+    counted: none is expected, optimizer_step skips a non-finite step on the device); then the tests that
     run train.main on the GPU; then the table for docs/speed.md."""
     if not torch.cuda.is_available():
         sys.exit("error: --gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); run it on "
