@@ -48,8 +48,8 @@ from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
 from tasks import KINDS, TaskBatches, count_task_rows, task_probe_batch, task_step
 from token_cache import DataError
-from train_step import (bf16_all_reduce_hook, dropout_seed, forward_backward, get_lr, global_denominators,
-                        host_to_device, make_optimizer, optimizer_step)
+from train_step import (StepCounters, bf16_all_reduce_hook, check_bad_steps, dropout_seed, forward_backward,
+                        get_lr, global_denominators, host_to_device, make_optimizer, optimizer_step)
 
 
 def setup_device(args):
@@ -139,9 +139,11 @@ def main(argv=None):
 
     # ---- the loop ----
     bar = tqdm(total=total_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    skipped, bad_steps, train_seconds, data_seconds = state.skipped, 0, 0.0, 0.0
-    last_save = time.monotonic()  # --save-every-minutes: each rank's own clock; the step's all-reduce agrees
-    with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step, save, exit cleanly
+    train_seconds, data_seconds = 0.0, 0.0
+    counters = StepCounters(device, state.skipped)  # skipped and bad steps, stop and save flags: on the device
+    # --save-every-minutes: each rank's own clock; the step's all-reduce agrees
+    last_save, last_save_step = time.monotonic(), step
+    with stop_signals() as stop_requested:  # SIGTERM / Ctrl-C: finish the step and the next, save, exit cleanly
         while step < total_steps:
             t_step = time.perf_counter()
             micro = [next(stream) for _ in range(args.grad_accum)]
@@ -153,27 +155,33 @@ def main(argv=None):
             torch.manual_seed(dropout_seed(args.seed, step, rank))
             losses = forward_backward(model, teacher, micro, run.step, cfg, denominators, names, device, autocast,
                                       scaler)
-            save_due = 0 < args.save_every_minutes * 60 <= time.monotonic() - last_save
+            # The previous step's counters, read one step late, once this step's kernels are queued (so the
+            # host never waits for an empty queue): a stop or save asked in step k's all-reduce is acted on
+            # at step k + 1, by every rank alike; a run of --max-bad-steps ending at step k ends the run
+            # here, before step k + 1's update. A save asked in step k is answered by a save at step k (its
+            # clock was read before it), and a save coming at this step answers this rank's clock too.
+            late = counters.previous()
+            check_bad_steps(late["bad_run"], step, args.max_bad_steps, last_ckpt)
+            stop, save_asked = late["stop"] > 0, late["save"] > 0 and last_save_step < step
+            save_due = not save_asked and 0 < args.save_every_minutes * 60 <= time.monotonic() - last_save
             result = optimizer_step(student, optimizer, scaler, losses, args.clip, stop_requested(), world_size,
                                     save_due)
+            counters.add(result)
             step += 1
-            skipped += not result["stepped"]
-            bad_steps = bad_steps + 1 if result["bad"] else 0
-            if bad_steps >= args.max_bad_steps:
-                raise FloatingPointError(
-                    f"non-finite loss or gradients at steps {step - bad_steps + 1}-{step} (--max-bad-steps "
-                    f"{args.max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'} (--resume continues "
-                    "from it); if it happens again, check the data or start anew with a lower --lr or --dtype fp32")
             window += torch.cat([result["losses"], tokens])  # summed on the device, read at logging steps only
             n_logged += 1
             train_seconds += time.perf_counter() - t_step  # throughput counts training, not evaluations and saves
             bar.update(1)
 
-            if step % args.log_every == 0 or step == total_steps:
-                sums = window.tolist()  # read back at logging steps only
+            logging = step % args.log_every == 0 or step == total_steps
+            saving = step % args.save_every == 0 or step == total_steps or save_asked or stop
+            if logging or saving:  # this step's own counters, in the one read of a logging or saving step
+                sums, now = counters.read(window)
+                check_bad_steps(now["bad_run"], step, args.max_bad_steps, last_ckpt)
+            if logging:
                 record = {"step": step, **{k: w / n_logged for k, w in zip(names, sums)}, "lr": lr,
-                          "grad_norm": result["grad_norm"], "tokens_per_s": sums[-1] / train_seconds,
-                          "data_wait": data_seconds / train_seconds, "skipped_steps": skipped,
+                          "grad_norm": now["grad_norm"], "tokens_per_s": sums[-1] / train_seconds,
+                          "data_wait": data_seconds / train_seconds, "skipped_steps": int(now["skipped"]),
                           **({"scale": scaler.get_scale()} if scaler.is_enabled() else {})}
                 log(args, master, record, loggers)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -185,12 +193,11 @@ def main(argv=None):
                                    **prefixed("teacher_", teacher_scores or {}, drop=("examples", "agreement"))},
                     loggers)
             # Not during a run of bad steps: the last good checkpoint stays the newest.
-            saved = (step % args.save_every == 0 or step == total_steps or result["save"]) and bad_steps == 0
-            if saved or result["stop"]:
-                last_ckpt = save_run_checkpoint(args, config, student, optimizer, scaler, step, teacher_scores, skipped,
-                                                window, n_logged, n_batches, master, ddp)
-                last_save = time.monotonic()
-            if result["stop"]:
+            if (saving and now["bad_run"] == 0) or stop:
+                last_ckpt = save_run_checkpoint(args, config, student, optimizer, scaler, step, teacher_scores,
+                                                int(now["skipped"]), window, n_logged, n_batches, master, ddp)
+                last_save, last_save_step = time.monotonic(), step
+            if stop:
                 if master:
                     print(f"stopped at step {step} as asked; checkpoint {last_ckpt}; continue with --resume")
                 break

@@ -4,7 +4,8 @@ tools/make_teacher.py's all call these functions, so there is one copy of the st
     lr = get_lr(step, total_steps, peak_lr, warmup)        # a pure function of the step
     denominators, tokens = global_denominators(micro, ...)  # rows each loss reads, over micro-steps and ranks
     losses = forward_backward(model, teacher, micro, ...)   # each micro-batch: forward, losses, backward
-    result = optimizer_step(student, optimizer, ...)        # unscale, clip, the one read-back, step or skip
+    result = optimizer_step(student, optimizer, ...)        # unscale, clip, step or skip on the device
+    counters.add(result)                                    # skipped and bad steps, stop/save: read a step late
 
 The loss of one micro-batch is the `step_fn` passed in: distil.distil_step (a masked-LM teacher) or
 tasks.task_step (a task teacher); a benchmark or a test passes its own variant the same way.
@@ -114,19 +115,28 @@ def forward_backward(model, teacher, micro, step_fn, cfg, denominators, names, d
 
 def optimizer_step(student, optimizer, scaler, losses, clip, stop_requested=False, world_size=1,
                    save_requested=False):
-    """Unscale, clip, step (or skip), update the scaler, zero the gradients.
+    """Unscale, clip, step or skip, update the scaler, zero the gradients; nothing is read back.
 
     Each rank holds world_size x its share of the global mean (its denominators are the global
     counts / world_size): summed over ranks and divided, every rank knows the step's loss. The stop
-    flag (SIGTERM, Ctrl-C) travels in the same all_reduce, so every rank stops at the same step; so
-    does the save flag (--save-every-minutes, read from each rank's own clock).
-    The one read-back of the step: the loss, the gradient norm (from the all-reduced gradients, so
-    alike on every rank) and the stop flag decide whether to step and whether to stop.
+    flag (SIGTERM, Ctrl-C) and the save flag (--save-every-minutes, from each rank's own clock) travel
+    in the same all_reduce, so every rank sees the same flags (StepCounters brings them to the host
+    one step later).
 
-    Returns a dict: losses (averaged over ranks, on the device), loss and grad_norm (floats),
-    stop and save (bools: asked by some rank), stepped (False: a non-finite loss or gradient,
-    skipped), bad (a non-finite loss, or a non-finite gradient in bf16/fp32: fp16 overflows with a
-    finite loss are the scaler's routine and not bad).
+    A step with a non-finite loss or gradient norm (the norm of the all-reduced gradients, alike on
+    every rank) is skipped on the device: the fused AdamW of make_optimizer takes a `found_inf` (as
+    the gradient scaler drives it) and leaves the weights, exp_avg, exp_avg_sq and its step count
+    exactly as they were where it is 1. An optimizer without that (not fused) cannot skip on the
+    device: for it the skip flag is read back here, the one read of the step (tools/make_teacher.py's
+    and bench's CPU variants; train.py's optimizer is fused on CPUs and GPUs).
+
+    Returns a dict of device tensors, all float64:
+        losses (len(losses),): the step's losses averaged over ranks
+        grad_norm (1,): the gradient norm before clipping
+        skipped (1,): 1 where the step was skipped (a non-finite loss or gradient), else 0
+        bad (1,): 1 where the loss is non-finite, or a gradient in bf16/fp32 (fp16 overflows with a
+            finite loss are the gradient scaler's routine, which lowers its scale, and not bad)
+        stop, save (1,): > 0 where some rank asked
     """
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip if clip > 0 else math.inf)
@@ -134,12 +144,75 @@ def optimizer_step(student, optimizer, scaler, losses, clip, stop_requested=Fals
     if world_size > 1:
         dist.all_reduce(stats)
     losses = stats[:-2] / world_size
-    loss_value, norm_value, stop, save = torch.cat([losses[:1], grad_norm.double().reshape(1), stats[-2:]]).tolist()
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if finite:  # never step on a non-finite loss or gradient, in any dtype
+    grad_norm = grad_norm.double().reshape(1)
+    loss_finite = torch.isfinite(losses[:1])
+    skipped = (~(loss_finite & torch.isfinite(grad_norm))).double()  # never step on a non-finite value
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: skips where found_inf is 1
+        optimizer.found_inf = skipped.float().reshape(())  # the kernel's contract: a float32 scalar, 0 or 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skipped.item():  # not fused: no device-side skip, so one read-back (never train.py's)
         optimizer.step()
     scaler.update()  # fp16: after overflowing gradients, a lower scale (a no-op in bf16/fp32)
     optimizer.zero_grad(set_to_none=True)
-    bad = not math.isfinite(loss_value) or (not finite and not scaler.is_enabled())
-    return {"losses": losses, "loss": loss_value, "grad_norm": norm_value, "stop": bool(stop), "save": bool(save),
-            "stepped": finite, "bad": bad}
+    bad = (~loss_finite).double() if scaler.is_enabled() else skipped
+    return {"losses": losses, "grad_norm": grad_norm, "skipped": skipped, "bad": bad, "stop": stats[-2:-1],
+            "save": stats[-1:]}
+
+
+class StepCounters:
+    """The loop's counters, kept on the device and brought to the host without draining its queue.
+
+    values (float64 (5,), on the device), after each step (add): skipped steps (the whole run's), the
+    run of consecutive bad steps (0 after a good one), the stop and save flags of the step's
+    all-reduce (> 0 where some rank asked) and its gradient norm. Each step's values are copied to a
+    host buffer (pinned, asynchronously, on a GPU); `previous()` reads them during the next step,
+    after that step's kernels are queued: the host then waits for the previous step's copy only, and
+    the queue stays full. `read(window)` reads the values of the step just taken, with the log
+    window, in the one read of a logging (or saving) step.
+    """
+
+    FIELDS = ("skipped", "bad_run", "stop", "save", "grad_norm")
+
+    def __init__(self, device, skipped=0):
+        start = [float(skipped), 0.0, 0.0, 0.0, math.nan]
+        self.values = torch.tensor(start, dtype=torch.float64, device=device)
+        self.host = torch.tensor(start, dtype=torch.float64)
+        if device.type == "cuda":  # page-locked: the copy from the device runs without the host waiting
+            self.host = self.host.pin_memory()
+        self.host_view = self.host.numpy()  # made once: reading it later reads host memory only
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def add(self, result):
+        """Count optimizer_step's result on the device, and start the copy of the counters to the host."""
+        bad = result["bad"]
+        self.values = torch.cat([self.values[0:1] + result["skipped"], (self.values[1:2] + bad) * bad,
+                                 result["stop"], result["save"], result["grad_norm"]])
+        self.host.copy_(self.values, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def previous(self):
+        """The counters after the previous step (before the first: the start values), as a dict of
+        floats. Call it before this step's add(), which overwrites them."""
+        if self.event is not None:
+            self.event.synchronize()  # the previous step's copy: this step's kernels stay queued
+        return dict(zip(self.FIELDS, self.host_view.tolist()))
+
+    def read(self, window):
+        """One read-back of `window` (a float64 device tensor) and of the counters after the last
+        add(): (window's values as a list of floats, the counters as a dict of floats)."""
+        values = torch.cat([window, self.values]).tolist()
+        return values[:len(window)], dict(zip(self.FIELDS, values[len(window):]))
+
+
+def check_bad_steps(bad_run, step, max_bad_steps, last_ckpt):
+    """Raise FloatingPointError when the last `bad_run` steps up to `step` (host numbers) were all
+    bad (a non-finite loss or gradient, skipped) and they reach --max-bad-steps."""
+    if bad_run >= max_bad_steps:
+        raise FloatingPointError(
+            f"non-finite loss or gradients at steps {step - int(bad_run) + 1}-{step} (--max-bad-steps "
+            f"{max_bad_steps}); last good checkpoint: {last_ckpt or 'none yet'} (--resume continues "
+            "from it); if it happens again, check the data or start anew with a lower --lr or --dtype fp32")

@@ -123,7 +123,8 @@ def test_only_rank_zero_writes(runs):
 
 def test_stop_on_one_rank_stops_both_at_the_same_step_and_resumes_on_one(runs, tmp_path):
     """SIGTERM reaches rank 1 only (as when one node is pre-empted first) inside its 2nd step's update:
-    the stop flag travels with the next step's all-reduce, so both ranks stop after step 3, rank 0 writes one
+    the stop flag travels with the next step's all-reduce and is read one step late (train_step.StepCounters),
+    so both ranks stop after step 4, rank 0 writes one
     checkpoint, and all exit 0. The run then continues on ONE process with batch 8 (the same global
     batch): re-sharded, it is still the same run."""
     base, folder = runs
@@ -131,12 +132,12 @@ def test_stop_on_one_rank_stops_both_at_the_same_step_and_resumes_on_one(runs, t
     stop = wrapper(tmp_path, "stop", STOP_AT_STEP)
     stopped = ok(run(flags(base, out=out, batch_size=4, save_every=100), script=stop, nproc=2,
                      env={"STOP_AFTER": "2", "STOP_RANK": "1"}))
-    assert "rank 0 took 3 optimizer steps" in stopped.stdout and "rank 1 took 3 optimizer steps" in stopped.stdout
-    assert stopped.stdout.count("stopped at step 3 as asked") == 1  # printed by rank 0 alone
-    assert checkpoints(out) == ["step-00000003.pt"]
+    assert "rank 0 took 4 optimizer steps" in stopped.stdout and "rank 1 took 4 optimizer steps" in stopped.stdout
+    assert stopped.stdout.count("stopped at step 4 as asked") == 1  # printed by rank 0 alone
+    assert checkpoints(out) == ["step-00000004.pt"]
 
     resumed = ok(run(flags(base, out=out, batch_size=8, save_every=100, resume=True)))
-    assert "step-00000003.pt at step 3" in resumed.stdout
+    assert "step-00000004.pt at step 4" in resumed.stdout
     same_metrics(out, folder / "one_rank")
     mine, theirs = weights(out), weights(folder / "one_rank")
     for key in theirs:

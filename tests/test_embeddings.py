@@ -273,9 +273,9 @@ def test_stopped_and_resumed_run_is_the_same_run(tmp_path, data):
     out = str(tmp_path / "out")
     stopped = ok(run(flags(base, out=out, save_every=100), script=wrapper(tmp_path, "stop", STOP_AT_STEP),
                      env={"STOP_AFTER": "3"}))
-    assert "stopped at step 4 as asked" in stopped.stdout
+    assert "stopped at step 5 as asked" in stopped.stdout  # read a step late (train_step.StepCounters)
     resumed = ok(run(flags(base, out=out, resume=True)))
-    assert "at step 4" in resumed.stdout
+    assert "at step 5" in resumed.stdout
     assert train_records(out) == train_records(tmp_path / "reference")
     scores = lambda o: [{k: v for k, v in r.items() if "encode_s" not in k and "speedup" not in k}
                         for r in metrics(o) if "valid_spearman" in r]
@@ -331,16 +331,17 @@ def test_global_batches_do_not_depend_on_their_split():
 
 def test_embedding_steps_read_back_once_per_step(tmp_path, data):
     """test_sync.py's count for a sentence-embedding run (with Dense modules, mean pooling and a layer
-    loss): the step's one read-back (loss, gradient norm, stop flag), plus at most the one read per
-    model that transformers' SDPA mask builder makes on a padded batch (teacher and student: 2 per
-    micro-step; none when a batch's texts are all of one length). Nothing of embeddings.py's own."""
+    loss): no read of the step's own (skip, counters and flags stay on the device, train_step.py), only
+    at most the one read per model that transformers' SDPA mask builder makes on a padded batch
+    (teacher and student: 2 per micro-step; none when a batch's texts are all of one length). Nothing
+    of embeddings.py's own."""
     from test_sync import reads_per_step
     teacher = make_sentence_teacher(str(tmp_path / "teacher"), dense=[(24, TANH)])
     base = ["--teacher", teacher, "--train", data.train, "--batch-size", "4", "--seq-len", "16", "--log-every", "1000",
             "--save-every", "1000", "--no-progress", "--cache-dir", data.cache, "--dtype", "fp32", "--alpha-hidden", "1"]
     for accum in (1, 2):
         reads = reads_per_step((base, tmp_path), f"accum{accum}", "--grad-accum", str(accum))
-        assert reads.get("tolist") == 1.0 and set(reads) <= {"tolist", "aten::_local_scalar_dense"}, reads
+        assert set(reads) <= {"aten::_local_scalar_dense"}, reads
         assert reads.get("aten::_local_scalar_dense", 0) <= 2 * accum, reads
 
 

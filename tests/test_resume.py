@@ -145,23 +145,23 @@ def test_keep_only_the_newest_checkpoints(setup):
 
 
 def test_stopped_and_resumed_run_is_the_same_run(setup, tmp_path):
-    """SIGTERM inside step 3's update (in warmup, mid-epoch, accumulation 2). The stop flag is read with
-    the step's one read-back, before the update, so step 4 sees it: the run finishes step 4, saves at
-    step 4 and exits 0; --resume (with other cadence flags) gives bitwise the same losses and weights
-    as never stopping."""
+    """SIGTERM inside step 3's update (in warmup, mid-epoch, accumulation 2). The stop flag travels with
+    step 4's all-reduce and comes to the host one step late (train_step.StepCounters), so step 5 acts
+    on it: the run finishes step 5, saves at step 5 and exits 0; --resume (with other cadence flags)
+    gives bitwise the same losses and weights as never stopping."""
     base, reference = setup
     out = str(tmp_path / "out")
     stop = wrapper(tmp_path, "stop", STOP_AT_STEP)
     stopped = ok(run(flags(base, out=out, save_every=5), script=stop, env={"STOP_AFTER": "3"}))
-    assert "stopped at step 4 as asked" in stopped.stdout and "took 4 optimizer steps" in stopped.stdout
-    assert checkpoints(out) == ["step-00000004.pt"]
-    state = load_checkpoint(out, "step-00000004.pt")
+    assert "stopped at step 5 as asked" in stopped.stdout and "took 5 optimizer steps" in stopped.stdout
+    assert checkpoints(out) == ["step-00000005.pt"]
+    state = load_checkpoint(out, "step-00000005.pt")
     epoch, index = state["data_position"]
     assert epoch == 0 and 0 < index, "the stop should fall mid-epoch"
     assert [r["lr"] for r in train_records(out)][-1] < base["lr"], "the stop should fall in the warmup"
 
     resumed = ok(run(flags(base, out=out, save_every=4, keep=1, resume=True)))
-    assert "resumed from" in resumed.stdout and "step-00000004.pt at step 4" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "step-00000005.pt at step 5" in resumed.stdout
     assert train_records(out) == train_records(reference)  # every step's loss, each term, lr, grad norm
     assert [r for r in metrics(out) if "valid_ppl" in r] == [r for r in metrics(reference) if "valid_ppl" in r]
     assert same_weights(out, reference)

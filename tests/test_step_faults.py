@@ -171,30 +171,24 @@ def test_fp16_kd_gradient_keeps_what_the_scale_lifts_out_of_underflow():
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_a_non_finite_loss_never_updates_and_is_counted(tiny_teacher, tiny_corpus, tmp_path, monkeypatch, dtype):
-    real_step, calls, updates = train.distil_step, [0], [0]
+    """AdamW.step runs every step (the fused kernel skips on the device, train_step.optimizer_step):
+    its own step count, in the checkpoint, advanced once per step that was not skipped."""
+    real_step, calls = train.distil_step, [0]
 
     def nan_at_step_3(model, teacher, batch, cfg, denominators=None):
         loss, terms = real_step(model, teacher, batch, cfg, denominators)
         calls[0] += 1  # call 1 is train.py's probe (distil.freeze_unreached): call n + 1 is step n
         return (loss * float("nan") if calls[0] == 4 else loss), terms
 
-    real_adamw = torch.optim.AdamW.step
-
-    def counting(self, *args, **kwargs):
-        updates[0] += 1
-        return real_adamw(self, *args, **kwargs)
-
     monkeypatch.setattr(train, "distil_step", nan_at_step_3)
-    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
     out = str(tmp_path / "out")
     train.main(flags(TINY, teacher=tiny_teacher, train=tiny_corpus[0], out=out, cache_dir=str(tmp_path / "cache"),
                      batch_size=4, max_steps=6, dtype=dtype))
     records = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert records[3]["skipped_steps"] == records[2]["skipped_steps"] + 1
-    assert updates[0] == 6 - records[6]["skipped_steps"]
     state = torch.load(os.path.join(out, "checkpoints", "step-00000006.pt"), weights_only=True)
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
-    assert adam_steps == {updates[0]}  # AdamW's own counter never advanced on the skipped step
+    assert adam_steps == {6 - records[6]["skipped_steps"]}  # AdamW's own counter never advanced on a skipped step
     assert all(torch.isfinite(w).all() for w in state["student"].values())
 
 

@@ -663,11 +663,12 @@ def test_resumed_task_run_is_the_same_run(teachers, data, tmp_path):
     reference, out = str(tmp_path / "reference"), str(tmp_path / "resumed")
     ok(run(flags(base, out=reference)))
     stop = wrapper(tmp_path, "stop", STOP_AT_STEP)
-    # SIGTERM inside step 3's update: the flag is read with step 4's read-back, so the run saves at step 4
+    # SIGTERM inside step 3's update: the flag travels with step 4's all-reduce and is read one step late,
+    # in step 5 (train_step.StepCounters), so the run saves at step 5
     stopped = ok(run(flags(base, out=out, save_every=100), script=stop, env={"STOP_AFTER": "3"}))
-    assert "stopped at step 4 as asked" in stopped.stdout
+    assert "stopped at step 5 as asked" in stopped.stdout
     resumed = ok(run(flags(base, out=out, resume=True)))
-    assert "step-00000004.pt at step 4" in resumed.stdout
+    assert "step-00000005.pt at step 5" in resumed.stdout
     assert same_weights(out, reference)
     assert train_records(out) == train_records(reference)  # every step's loss, each term, lr, grad norm
     scores = lambda run_dir: [r for r in metrics(run_dir) if "valid_accuracy" in r]

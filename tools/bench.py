@@ -41,7 +41,7 @@ from distil import DistilConfig, count_rows, distil_step
 from precision import DTYPES, autocast_for, pick_dtype
 from pretrained import load_teacher
 from student import make_student
-from train_step import dropout_seed, forward_backward, global_denominators, optimizer_step
+from train_step import StepCounters, dropout_seed, forward_backward, global_denominators, optimizer_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the variants run as `python -m tools.bench` from it
 
@@ -301,17 +301,21 @@ OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num
                       intermediate_size=64, max_position_embeddings=512)  # ids 1000+ for synthetic_corpus
 
 
-def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window):
+def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window,
+                  counters):
     """One optimizer step as train.py's loop takes it in one process, through the same functions
     (train_step.py): the row counts from the host, each micro-batch moved to the device, distilled
-    and backpropagated, unscale and clip, the step's one read-back, the step, the log window summed
-    on the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
+    and backpropagated, the previous step's counters read (train_step.StepCounters), unscale and
+    clip, the step (skipped on the device if non-finite), the counters and the log window summed on
+    the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
     denominators, tokens = global_denominators(micro, partial(count_rows, cfg=cfg), device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     torch.manual_seed(dropout_seed(0, step, 0))
     losses = forward_backward(model, teacher, micro, distil_step, cfg, denominators, names, device, autocast, scaler)
+    counters.previous()
     result = optimizer_step(student, optimizer, scaler, losses, 5.0)
+    counters.add(result)
     window += torch.cat([result["losses"], tokens])
 
 
@@ -390,13 +394,14 @@ def bench_overhead(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {"ours": [], "minimal": []}
     window = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    counters = StepCounters(device)
     for i, batch in enumerate(batches):
         for name in ("ours", "minimal") if i % 2 == 0 else ("minimal", "ours"):  # neither always goes first
             sync()
             start = time.perf_counter()
             if name == "ours":
                 train_py_step(student, student, teacher, ours_opt, scaler, [batch], cfg, device, autocast, names, i,
-                              window)
+                              window, counters)
             else:  # the same batch, its masked rows found on the host by data.make_batch
                 minimal_step(twin, teacher, minimal_opt, to_device(batch, device), autocast)
             sync()
@@ -404,7 +409,8 @@ def bench_overhead(args):
                 times[name].append(1000 * (time.perf_counter() - start))
     ms = {name: float(np.median(t)) for name, t in times.items()}
     calls = {"ours": count_aten_calls(lambda: train_py_step(student, student, teacher, ours_opt, scaler, batches[-1:],
-                                                            cfg, device, autocast, names, n_steps, window)),
+                                                            cfg, device, autocast, names, n_steps, window,
+                                                            counters)),
              "minimal": count_aten_calls(lambda: minimal_step(twin, teacher, minimal_opt,
                                                               to_device(batches[-1], device), autocast))}
     where = torch.cuda.get_device_name() if device.type == "cuda" else \
@@ -587,7 +593,7 @@ def gpu_check(args):
     """The first command to run on a GPU (about 10 minutes on one card): bert-base -> 6 layers at each
     of GPU_CHECK_SHAPES, eager and compiled (torch.compile of the student), tokens/s and MFU against
     the card's peak, with torch's sync-debug mode on in the timed steps (each synchronising call is
-    counted: optimizer_step's one read-back per step is expected, nothing else); then the tests that
+    counted: none is expected, optimizer_step skips a non-finite step on the device); then the tests that
     run train.main on the GPU; then the table for docs/speed.md."""
     if not torch.cuda.is_available():
         sys.exit("error: --gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); run it on "

@@ -122,7 +122,7 @@ def train_quick(model, seqs, tokenizer, args, autocast):
         losses = forward_backward(model, None, micro, distil_step, cfg, denominators, names, cpu, autocast, scaler)
         result = optimizer_step(model, optimizer, scaler, losses, clip=1.0)
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{args.steps}: loss {result['loss']:.3f}", flush=True)
+            print(f"step {step + 1}/{args.steps}: loss {result['losses'][0].item():.3f}", flush=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
