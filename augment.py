@@ -47,7 +47,6 @@ What is decided here, and why:
   why the rewrites are cached (`load_rewrites`) and a run reads them back rather than recomputing them.
 """
 
-import fcntl
 import hashlib
 import json
 import os
@@ -59,7 +58,8 @@ from tqdm import tqdm
 from distil import at_rows, prepared_mask, unwrap
 from student import StudentError
 from tasks import Examples
-from token_cache import DataError
+from cluster import file_lock
+from token_cache import LOCK_WAIT_S, DataError, unique_tmp
 
 TOP_K, REPLACE_PROB = 15, 0.4  # TinyBERT's K and p_t (Jiao et al. 2020, Sec. 4.2; data_augmentation.py's M and p)
 CACHE_VERSION = 1
@@ -363,8 +363,7 @@ def load_rewrites(examples, model, tokenizer, n, seed, cache_dir, name, device, 
     them while the others wait on the lock, then read them. Returns (arrays, the cache file's path)."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{name}.augment.{rewrite_key(examples, model, n, seed, top_k, prob)}")
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path + ".lock", wait_s=LOCK_WAIT_S):  # flock, or a soft lock where the filesystem has none
         if not os.path.exists(path + ".npz"):
             vocab = unwrap(model).get_input_embeddings().num_embeddings
             starts, letters, special = vocab_classes(tokenizer, vocab)
@@ -376,9 +375,10 @@ def load_rewrites(examples, model, tokenizer, n, seed, cache_dir, name, device, 
             cands = candidates(model, examples, queries, tokenizer.mask_token_id, allowed, k, device, autocast,
                                progress=progress)
             arrays = rewrite(examples, words, queries, cands, n, seed, prob)
-            with open(path + ".tmp.npz", "wb") as f:
+            tmp = unique_tmp(path)
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-            os.replace(path + ".tmp.npz", path + ".npz")  # complete or absent, never half-written
+            os.replace(tmp, path + ".npz")  # complete or absent, never half-written
     z = np.load(path + ".npz")
     return {k: z[k] for k in z.files}, path + ".npz"
 

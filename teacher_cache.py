@@ -27,7 +27,6 @@ refused in one line; those are (tokens x hidden) per layer, recomputed live), no
 (docs/tasks.md#teacher-outputs-computed-once says why).
 """
 
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,8 @@ from tqdm import tqdm
 
 from distil import prepared_mask
 from precision import DTYPES, pick_dtype
-from token_cache import DataError
+from cluster import file_lock
+from token_cache import LOCK_WAIT_S, DataError, unique_tmp
 
 CACHE_VERSION = 1
 # how each compute dtype is stored: numpy has no bfloat16, so bf16 logits keep their 16 bits as int16
@@ -117,7 +117,7 @@ def compute_logits(teacher, examples, pad_id, dtype_name, device, autocast, path
         teacher.to(DTYPES[dtype_name])
     token = examples.kind == "token_classification"
     rows = len(examples.input_ids) if token else len(examples.starts)
-    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    tmp = unique_tmp(path) + ".npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORED[dtype_name],
                                     shape=(rows, teacher.config.num_labels))
     order = np.argsort(examples.lengths, kind="stable")
@@ -178,8 +178,7 @@ def teacher_logits_for_run(args, teacher, examples, pad_id, device, autocast, ma
     name = os.path.basename(str(args.train).rstrip("/"))
     os.makedirs(args.cache_dir, exist_ok=True)
     path = os.path.join(args.cache_dir, f"{name}.logits.{key}.npy")
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path + ".lock", wait_s=LOCK_WAIT_S):  # flock, or a soft lock where the filesystem has none
         made = not os.path.exists(path)
         if made:
             compute_logits(teacher, examples, pad_id, dtype_name, device, autocast, path, args.batch_size,

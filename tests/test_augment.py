@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import augment
-import tasks
 import teacher_cache
 from conftest import WORDS, make_bert_teacher, write_bert_vocab
 from distil import DistilConfig
@@ -20,10 +19,12 @@ from losses import cross_entropy_loss
 from precision import autocast_for
 from student import StudentError
 from tasks import load_examples, task_batch, task_step
-from test_tasks import (MULTI, REGRESSION, SINGLE, TAGS, TOKEN, load_tok, make_task_teacher, metrics, multi_label_jsonl,
+from test_tasks import (MULTI, SINGLE, TAGS, TOKEN, load_tok, make_task_teacher, metrics, multi_label_jsonl,
                         run_main, sentences, single_label_csv, to_tensors, token_jsonl, write_csv)
 from token_cache import DataError
+import test_sync
 
+task_setup = test_sync.task_setup  # test_sync's tiny task teacher and texts, a module fixture here too
 CPU = torch.device("cpu")
 FP32 = autocast_for(CPU, torch.float32)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -334,3 +335,15 @@ def test_two_ranks_equal_one_with_augment_and_teacher_cache(models, rt, tmp_path
         torch.testing.assert_close(theirs[k], one[k], rtol=1e-5, atol=1e-5 * max(1.0, one[k].abs().max().item()))
     logits = [f for f in os.listdir(tmp_path / "c") if f.endswith(".npy")]
     assert len(logits) == 1  # both ranks, then the one-rank run, read the one file
+
+
+def test_a_cached_teacher_step_reads_back_once_per_step(task_setup):
+    """The cached rows come with the batch (gathered on the host when it is built): the step indexes
+    nothing on the device and reads back only the step's loss, gradient norm and stop flag."""
+    from test_sync import count_reads, reads_per_step
+    base, folder = task_setup  # computed once first, so that the runs compared all read the cache
+    count_reads(base + ["--out", str(folder / "cached-warm-up"), "--max-steps", "1", "--teacher-cache"])
+    one = reads_per_step(task_setup, "cached-accum1", "--teacher-cache")
+    assert one == {"tolist": 1.0}, one
+    four = reads_per_step(task_setup, "cached-accum4", "--teacher-cache", "--grad-accum", "4")
+    assert four == {"tolist": 1.0}, four
