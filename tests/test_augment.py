@@ -347,3 +347,16 @@ def test_a_cached_teacher_step_reads_back_once_per_step(task_setup):
     assert one == {"tolist": 1.0}, one
     four = reads_per_step(task_setup, "cached-accum4", "--teacher-cache", "--grad-accum", "4")
     assert four == {"tolist": 1.0}, four
+
+
+def test_checkpoints_from_before_the_flags_resume():
+    """A run.json or checkpoint written before --augment and --teacher-cache existed has none of their
+    keys: resuming it with them off is the same run; other rewrites are refused as another corpus."""
+    from checkpoint import CheckpointError, check_same_corpus, config_differences
+    old = {"lr": 5e-5, "train_corpus": {"tokens": 10, "sequences": 2, "sha256": "a"}}
+    new = {**old, "augment": 0, "augment_model": None, "augment_seed": None, "augment_top_k": 15,
+           "augment_prob": 0.4, "teacher_cache": False}
+    assert config_differences(old, new) == []
+    augmented = {**new, "augment": 2, "train_corpus": {"tokens": 18, "sequences": 4, "sha256": "b"}}
+    with pytest.raises(CheckpointError, match="training corpus"):
+        check_same_corpus(new, augmented, "step-1.pt")
