@@ -121,7 +121,7 @@ def main(argv=None):
     # Labels given as bare ids may number the classes in another order than the teacher: the teacher's
     # predictions on a sample of them say so (once, before the loop; never inside a step).
     label_warnings = []
-    if master and teacher is not None and kind is not None:
+    if master and teacher is not None and kind not in (None, EMBEDDING):  # a task's labels (embeddings: none)
         warning = label_order_sample(teacher, inputs.train_data, args.train, inputs.tokenizer.pad_token_id, device,
                                      autocast, args.batch_size)
         if warning:
@@ -146,7 +146,7 @@ def main(argv=None):
     # A task's agreement needs the teacher's predictions, which no checkpoint keeps: computed every run.
     if inputs.valid_data is not None and teacher is not None and (teacher_scores is None or kind is not None):
         teacher_scores, teacher_predictions = run.evaluate(teacher)
-        if kind is not None and inputs.valid_data.meta.get("labels_as_ids"):
+        if kind not in (None, EMBEDDING) and inputs.valid_data.meta.get("labels_as_ids"):
             warning = label_order_warning(kind, teacher_predictions, gold(inputs.valid_data), teacher.config.id2label,
                                           args.valid)
             if warning and master:
