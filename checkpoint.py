@@ -32,9 +32,14 @@ FREE_FLAGS = {"eval_every", "save_every", "log_every", "keep", "resume", "config
               "max_steps", "epochs", "total_steps",
               "max_bad_steps", "cache_dir", "push_to_hub", "wandb_project", "language", "batch_size",
               "grad_accum", "world_size", "out", "compile", "num_workers", "dtype_requested", "dtype_reason",
-              "train_corpus", "seq_len_used", "ddp_bf16_grads"}  # train_corpus: compared by check_same_corpus
-# once the corpus is loaded; seq_len_used: what --seq-len (compared) resolved to; ddp_bf16_grads: how the
-# gradients travel between ranks (rounded to bf16 on the wire), like world_size not what a step computes
+              "train_corpus", "seq_len_used", "ddp_bf16_grads",
+              "teacher_cache", "augment", "augment_model", "augment_seed", "augment_top_k", "augment_prob"}
+# train_corpus: compared by check_same_corpus once the corpus is loaded; seq_len_used: what --seq-len
+# (compared) resolved to; ddp_bf16_grads: how the gradients travel between ranks (rounded to bf16 on the
+# wire), like world_size not what a step computes. teacher_cache: the same losses, the teacher's logits
+# read from disk (to the dtype's rounding). The --augment flags make rewrites that are part of the
+# training data, whose tokens check_same_corpus compares (other rewrites are another corpus); listed here
+# so that a checkpoint written before the flags existed still resumes.
 
 
 class CheckpointError(ValueError):

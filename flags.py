@@ -134,7 +134,18 @@ def parse_args(argv=None):
       "0:2,1:0,2:1 when the data numbers its labels in another order (default: names matched, ids taken as the "
       "teacher's)")
     a("--out", help="output folder: the student, checkpoints/ and metrics.jsonl")
-    a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached")
+    a("--cache-dir", default=default_cache_dir(), help="where tokenized corpora are cached (and --augment's rewrites, "
+      "--teacher-cache's logits)")
+    # task runs: TinyBERT's data augmentation, and the teacher's logits computed once
+    a("--augment", type=int, default=0, help="tasks: rewrite each training record up to N times with a masked LM "
+      "(TinyBERT's augmentation); the rewrites carry no label and learn from the teacher alone (0 = off)")
+    a("--augment-model", metavar="FOLDER", help="with --augment: the fill-mask model that rewrites, of the teacher's "
+      "tokenizer (e.g. the masked LM the task teacher was fine-tuned from); required")
+    a("--augment-seed", type=int, help="with --augment: the rewrites' seed (default: --seed)")
+    a("--augment-top-k", type=int, default=15, help="with --augment: candidates per word (TinyBERT's K)")
+    a("--augment-prob", type=float, default=0.4, help="with --augment: each word's chance to be replaced (TinyBERT's p_t)")
+    a("--teacher-cache", action="store_true", help="tasks: compute the teacher's logits of every training record once, "
+      "cached beside the token cache, and read them instead of running the teacher each step (KD/MSE on logits only)")
     # the student
     a("--layers", help="teacher layers to keep, 0-based, e.g. 0,2,4,7,9,11 (default: an evenly spread half)")
     a("--student-init", default="teacher", choices=["teacher", "random"],
@@ -294,6 +305,10 @@ RANGES = [
     ("max_bad_steps", "int", lambda v: v >= 1, "at least 1"),
     ("seed", "int", lambda v: v >= 0, "at least 0"),
     ("num_workers", "int", lambda v: v >= 0, "at least 0 (0 = batches built in the training process)"),
+    ("augment", "int", lambda v: v >= 0, "at least 0 (0 = off): the rewrites per record"),
+    ("augment_seed", "int", lambda v: v >= 0, "at least 0"),
+    ("augment_top_k", "int", lambda v: v >= 1, "at least 1"),
+    ("augment_prob", "float", lambda v: 0 < v <= 1, "in (0, 1]: each word's chance to be replaced"),
 ]
 
 
@@ -305,7 +320,7 @@ def check_ranges(args):
     for name, kind, test, valid in RANGES:
         value = getattr(args, name)
         if value is None and (name in ("max_steps", "student_hidden", "student_heads", "num_workers", "seq_len",
-                                       "global_batch")
+                                       "global_batch", "augment_seed")
                               or name in RECIPE_FLAGS):  # optional, or filled in by recipe_defaults
             continue
         flag = "--" + name.replace("_", "-")

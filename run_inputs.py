@@ -7,24 +7,30 @@ from types import SimpleNamespace
 
 import torch
 
+from augment import augment_examples, check_augment_flags
 from data import make_sequences, mask_spec
 from token_cache import DataError, corpus_digest, corpus_note, load_corpus
 from distil import DistilConfig, check_capture, parse_layer_map
 from pretrained import check_student_vocabulary, load_student_checkpoint, load_tokenizer, task_kind, usable_positions
 from student import StudentError, build_student, check_layers, make_student
 from heldout import check_metrics
+from precision import autocast_for
+from teacher_cache import check_teacher_cache
 from tasks import check_labelled, examples_digest, examples_note, labels_from_data, load_examples, parse_label_map
 
 
-def load_inputs(args, global_batch, master, teacher, kind):
+def load_inputs(args, global_batch, master, teacher, kind, device=None, autocast=None):
     """Tokenizer, recipe, student and data, each checked (one-line errors) before anything is written
     or the process group starts. `kind`: None for masked-LM distillation, else the task (tasks.py).
 
     Returns a namespace: tokenizer, layers (the teacher layers kept), cfg (distil.DistilConfig),
     student, train_data and valid_data (data.Sequences or tasks.Examples; valid None without
     --valid), spec (data.MaskSpec; None for a task), seq_len (the one used), steps_per_epoch, and
-    train_corpus (what a resume checks: tokens, sequences, digest). `args` is only read.
+    train_corpus (what a resume checks: tokens, sequences, digest). `args` is only read. `device` and
+    `autocast` are where --augment's masked LM runs (default: the CPU, fp32).
     A sentence-embedding teacher (kind "embedding"): embeddings.load_embedding_inputs."""
+    check_augment_flags(args, kind, teacher)  # one line now, before anything is tokenized
+    check_teacher_cache(args, kind, teacher)
     if kind == "embedding":
         from embeddings import load_embedding_inputs
         return load_embedding_inputs(args, global_batch, master, teacher)
@@ -92,7 +98,8 @@ def load_inputs(args, global_batch, master, teacher, kind):
                                 args.student_heads, compares_hidden_states=cfg.needs_hidden_states())
     if kind is None and getattr(args, "label_map", None):
         raise DataError("--label-map maps a task's labels; a masked-LM run has none: drop it")
-    train_data, valid_data, spec, train_corpus = load_data(args, kind, tokenizer, id2label, seq_len, teacher, master)
+    train_data, valid_data, spec, train_corpus = load_data(args, kind, tokenizer, id2label, seq_len, teacher, master,
+                                                           device, autocast)
     n_sequences = len(train_data.starts)
     # An epoch is a whole number of global batches, whatever their split over ranks and micro-steps,
     # so that a run resumed on another number of GPUs (same global batch) sees the same data.
@@ -109,11 +116,12 @@ def load_inputs(args, global_batch, master, teacher, kind):
                            train_corpus=train_corpus)
 
 
-def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master):
+def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master, device=None, autocast=None):
     """The training and held-out data, read, tokenized once (cached) and counted: a masked-LM corpus
     cut into sequences (data.make_sequences) with its masking spec, or a task's labelled examples
-    (tasks.load_examples). What reading skipped or guessed is said in one line. Returns (train_data,
-    valid_data or None, spec or None, train_corpus: what a resume checks)."""
+    (tasks.load_examples), with --augment's unlabelled rewrites appended (augment.augment_examples, on
+    `device` under `autocast`). What reading skipped or guessed is said in one line. Returns
+    (train_data, valid_data or None, spec or None, train_corpus: what a resume checks)."""
     if kind is not None:
         label_map = parse_label_map(getattr(args, "label_map", None), id2label)
         read = lambda path: load_examples(path, tokenizer, kind, id2label, seq_len, args.cache_dir,
@@ -130,6 +138,9 @@ def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master):
                 print(examples_note(data, path))
         if teacher is None and train_data.meta["labelled"] < train_data.meta["records"] and master:
             print("fine-tuning without a teacher: the records without a label teach nothing")
+        if getattr(args, "augment", 0):
+            train_data = augment_examples(args, train_data, tokenizer, device or torch.device("cpu"),
+                                          autocast or autocast_for(torch.device("cpu"), torch.float32), master)
         train_corpus = {"tokens": int(train_data.lengths.sum()), "sequences": len(train_data.starts),
                         "sha256": examples_digest(train_data), "labels": [id2label[i] for i in sorted(id2label)]}
         return train_data, valid_data, None, train_corpus

@@ -37,6 +37,7 @@ from data import epoch_batches
 from token_cache import DataError, dataset_fingerprint, is_dataset, open_dataset, plain_backend, read_records
 from distil import at_rows, layer_terms, prepare_layer_losses, prepared_mask, unwrap, weighted
 from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, mse_loss, multi_label_kd_loss, regression_loss
+from teacher_cache import as_logits
 
 # KINDS: what the task head predicts, as transformers' problem_type names it, and token classification.
 KINDS = ("single_label_classification", "multi_label_classification", "regression", "token_classification")
@@ -613,10 +614,12 @@ def task_rows(attention_mask, labels, kind, word_mask=None):
     return {**rows, "label_rows": labelled, "row_labels": values[labelled]}
 
 
-def task_batch(examples, indices, pad_id):
+def task_batch(examples, indices, pad_id, teacher_logits=None):
     """Examples `indices` as a batch of numpy arrays, padded to the longest: input_ids,
     attention_mask (and token_type_ids for text pairs), the labels in transformers' layout, and
-    task_rows' indices, computed here on the host so that the step never looks for them."""
+    task_rows' indices, computed here on the host so that the step never looks for them.
+    `teacher_logits` (teacher_cache.TeacherLogits): the batch also holds "teacher_logits", the
+    teacher's cached logits at the KD rows (kd_rows, num_labels), gathered here on the host."""
     lengths = examples.lengths[indices]
     shape = (len(indices), int(lengths.max()))
     input_ids = np.full(shape, pad_id, dtype=np.int64)
@@ -644,17 +647,21 @@ def task_batch(examples, indices, pad_id):
         batch["token_type_ids"] = token_type_ids
     if examples.kind == "token_classification":
         batch["word_mask"] = word_mask
+    if teacher_logits is not None:
+        batch["teacher_logits"] = teacher_logits.at(examples, indices)
     return batch
 
 
 class TaskBatches(torch.utils.data.Dataset):
     """Micro-batch number m of one rank's run, counted across epochs: a pure function of m (the
     order of data.epoch_batches, so a resumed run, or the same global batch on other ranks, sees the
-    same batches), for micro_batch_loader's DataLoader."""
+    same batches), for micro_batch_loader's DataLoader. `teacher_logits` (--teacher-cache): each
+    batch carries the teacher's cached logits (task_batch)."""
 
-    def __init__(self, examples, pad_id, batch_size, seed, n_batches, rank=0, world_size=1):
+    def __init__(self, examples, pad_id, batch_size, seed, n_batches, rank=0, world_size=1, teacher_logits=None):
         self.examples, self.pad_id, self.batch_size, self.seed = examples, pad_id, batch_size, seed
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
+        self.teacher_logits = teacher_logits
         self._epoch = self._batches = None
 
     def __getitem__(self, m):
@@ -662,7 +669,7 @@ class TaskBatches(torch.utils.data.Dataset):
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(self.examples, self.batch_size, self.seed, epoch,
                                                               self.rank, self.world_size)
-        return task_batch(self.examples, self._batches[i], self.pad_id)
+        return task_batch(self.examples, self._batches[i], self.pad_id, self.teacher_logits)
 
 
 def valid_task_batches(examples, pad_id, batch_size, rank=0, world_size=1):
@@ -695,6 +702,8 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
     teacher may be None when no loss reads it). `batch` holds input_ids and attention_mask (B, L)
     (and token_type_ids for text pairs, when the model has them) and task_rows' index tensors, on
     the models' device; `denominators` maps "kd", "label", "cos" to row counts (None: this batch's).
+    A batch holding "teacher_logits" (--teacher-cache: the teacher's logits at kd_rows, (rows, C), read
+    from teacher_cache) is taught from them, and the teacher is not run.
     """
     denominators = denominators or count_task_rows(batch, cfg)
     attention_mask = batch["attention_mask"] if batch["padded"] else None
@@ -705,15 +714,16 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
     prepare_layer_losses(student, teacher, cfg)
     # token classification's logits are (B, L, C): the rows are the predicted tokens' flat positions
     at = at_rows if kind == "token_classification" else (lambda logits, rows: logits.index_select(0, rows))
-    teacher_out = None
-    if cfg.needs_teacher():
+    teacher_out, cached = None, batch.get("teacher_logits")
+    if cfg.needs_teacher() and cached is None:
         with torch.no_grad():
             teacher_out = teacher(**inputs, attention_mask=prepared_mask(teacher, attention_mask))
     student_out = student(**inputs, attention_mask=prepared_mask(student, attention_mask))
     student_logits = student_out.logits
     terms = {}
     if cfg.needs_teacher_logits():
-        s, t = at(student_logits, batch["kd_rows"]), at(teacher_out.logits, batch["kd_rows"])
+        s = at(student_logits, batch["kd_rows"])
+        t = as_logits(cached) if cached is not None else at(teacher_out.logits, batch["kd_rows"])
         if cfg.alpha_kd > 0:
             if kind == "regression":
                 terms["kd"] = regression_loss(s, t, denominators["kd"])

@@ -47,6 +47,7 @@ from run_inputs import load_inputs
 from pretrained import load_teacher, save_student, task_kind
 from student import StudentError, compile_layers
 from tasks import KINDS, TaskBatches, count_task_rows, task_probe_batch, task_step
+from teacher_cache import teacher_logits_for_run
 from token_cache import DataError
 from train_step import (StepCounters, bf16_all_reduce_hook, check_bad_steps, dropout_seed, forward_backward,
                         get_lr, global_denominators, host_to_device, make_optimizer, optimizer_step)
@@ -88,7 +89,7 @@ def main(argv=None):
     ckpt_path, ckpt = load_latest(args.out) if args.resume else (None, None)
     if ckpt is not None:
         check_resumable(ckpt["config"], config, ckpt_path)
-    inputs = load_inputs(args, config["global_batch"], master, teacher, kind)
+    inputs = load_inputs(args, config["global_batch"], master, teacher, kind, device, autocast)
     config.update(seq_len_used=inputs.seq_len, train_corpus=inputs.train_corpus)
     if args.cache_only:
         if master:
@@ -127,7 +128,7 @@ def main(argv=None):
     loggers = open_loggers(args.log, args.out, config, step, args.wandb_project) if master else []
     teacher_scores, teacher_predictions, valid_scores = state.teacher_scores, None, None
     # A task's agreement needs the teacher's predictions, which no checkpoint keeps: computed every run.
-    if inputs.valid_data is not None and teacher is not None and (teacher_scores is None or kind is not None):
+    if inputs.valid_data is not None and teacher is not None and (teacher_scores is None or kind in KINDS):
         teacher_scores, teacher_predictions = run.evaluate(teacher)
         log(args, master, {"step": step, **prefixed("teacher_", teacher_scores)}, loggers)
     # Labels given as bare ids may number the classes in another order than the teacher's: its predictions
@@ -328,11 +329,16 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
     def write_card(config, step, valid_scores, teacher_scores):
         write_task_model_card(args.out, config, teacher, unwrap(inputs.student), kind, step, valid_scores,
                               teacher_scores)
+    cached = None  # --teacher-cache: the teacher's logits of every record, computed once (teacher_cache.py)
+    if args.teacher_cache:
+        cached = teacher_logits_for_run(args, teacher, train_data, tokenizer.pad_token_id, device, autocast,
+                                        rank == 0)
+        wait_for_ranks("teacher logits", rank, world_size)  # the first rank computes them; the others wait here
     return SimpleNamespace(
         step=partial(task_step, kind=kind), count=partial(count_task_rows, cfg=inputs.cfg),
         probe_batch=partial(task_probe_batch, kind=kind),
         dataset=TaskBatches(train_data, tokenizer.pad_token_id, args.batch_size, args.seed, n_batches, rank,
-                            world_size),
+                            world_size, cached),
         evaluate=evaluate, write_card=write_card, save=save_student)
 
 
