@@ -395,6 +395,8 @@ if __name__ == "__main__":
         main()
     except (StudentError, DataError, CheckpointError, ClusterError, FloatingPointError, LogError, HubError) as e:
         rank = os.environ.get("RANK")
-        sys.exit(f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}")
+        line = f"error{f' (rank {rank})' if rank and os.environ.get('WORLD_SIZE', '1') != '1' else ''}: {e}\n"
+        os.write(2, line.encode())  # one write: under torchrun the ranks' lines share a pipe and stay whole
+        sys.exit(1)
     except KeyboardInterrupt:  # before the loop, after it, or a second Ctrl-C: the checkpoints written are intact
         sys.exit(interrupted_message(RUN["out"]))

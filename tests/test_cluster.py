@@ -214,6 +214,7 @@ def test_an_unshared_out_is_refused_before_any_work(base):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 2 and all("must be a folder all nodes share" in line for line in errors), proc.stderr
+    assert {line.split(":")[0] for line in errors} == {"error (rank 0)", "error (rank 1)"}  # each its own line
     assert os.listdir(out) == []  # no run.json, no checkpoint: nothing was done
 
 
