@@ -627,9 +627,8 @@ def load_embedding_inputs(args, global_batch, master, teacher):
     """run_inputs.load_inputs for a sentence-embedding teacher: the same namespace (tokenizer, layers,
     cfg, student, train_data: data.Sequences of one text each, valid_data: read_heldout's texts,
     spec None, seq_len, steps_per_epoch, train_corpus), every problem a one-line error."""
-    from dataclasses import fields
-    from distil import DistilConfig, check_capture, parse_layer_map
     from pretrained import check_student_vocabulary, load_tokenizer, usable_positions
+    from run_inputs import recipe_config  # (run_inputs imports this module only inside a function)
 
     tokenizer = load_tokenizer(teacher, teacher.sentence["transformer"], args.tokenizer, masked_lm=False)
     max_len = usable_positions(teacher)
@@ -644,16 +643,7 @@ def load_embedding_inputs(args, global_batch, master, teacher):
         if len(tokenizer) > student.get_input_embeddings().num_embeddings:
             raise StudentError(f"--student {args.student}: its embeddings have fewer rows than the teacher's "
                                "tokenizer has tokens; start from a checkpoint of the teacher's tokenizer")
-    try:
-        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
-            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
-        layer_map = parse_layer_map(args.layer_map, layers, teacher.config.num_hidden_layers)
-        cfg = DistilConfig(**{f.name: getattr(args, f.name) for f in fields(DistilConfig) if f.name != "layer_map"},
-                           layer_map=layer_map)
-        if cfg.needs_attention():
-            check_capture(teacher)
-    except ValueError as e:
-        raise StudentError(str(e))
+    cfg = recipe_config(args, layers, teacher.config.num_hidden_layers, teacher)
     corpus = load_corpus(args.train, tokenizer, args.cache_dir, args.text_column, args.min_tokens,
                          progress=master and args.progress)
     train_data, n_truncated, n_dropped = first_pieces(corpus, seq_len)

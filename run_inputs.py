@@ -80,17 +80,7 @@ def load_inputs(args, global_batch, master, teacher, kind, device=None, autocast
     n_teacher_layers = teacher.config.num_hidden_layers if teacher is not None else len(layers)
     if not args.student:
         layers = check_layers(layers, n_teacher_layers)  # now, not after tokenizing the corpus
-    try:
-        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
-            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
-        layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
-        # every field of the recipe is the flag of the same name
-        cfg = DistilConfig(**{f.name: getattr(args, f.name) for f in fields(DistilConfig) if f.name != "layer_map"},
-                           layer_map=layer_map)
-        if cfg.needs_attention():
-            check_capture(teacher)
-    except ValueError as e:
-        raise StudentError(str(e))
+    cfg = recipe_config(args, layers, n_teacher_layers, teacher)
     if not args.student:
         if kind is not None and args.student_arch == "distilbert":
             raise StudentError("--student-arch distilbert converts masked LMs only; drop it for a task teacher")
@@ -114,6 +104,23 @@ def load_inputs(args, global_batch, master, teacher, kind, device=None, autocast
     return SimpleNamespace(tokenizer=tokenizer, layers=layers, cfg=cfg, student=student, train_data=train_data,
                            valid_data=valid_data, spec=spec, seq_len=seq_len, steps_per_epoch=steps_per_epoch,
                            train_corpus=train_corpus)
+
+
+def recipe_config(args, layers, n_teacher_layers, teacher):
+    """The run's distil.DistilConfig: every field is the flag of the same name, --layer-map's pairs
+    checked against the student's `layers` and the teacher's depth, and a teacher whose attention
+    cannot be captured refused when a loss reads it. StudentError (one line) on a bad value."""
+    try:
+        if args.student and args.layer_map is None and (args.alpha_hidden or args.alpha_attn or args.alpha_relation):
+            raise ValueError("a --student checkpoint has no layers copied from the teacher: pass --layer-map")
+        layer_map = parse_layer_map(args.layer_map, layers, n_teacher_layers)
+        cfg = DistilConfig(**{f.name: getattr(args, f.name) for f in fields(DistilConfig) if f.name != "layer_map"},
+                           layer_map=layer_map)
+        if cfg.needs_attention():
+            check_capture(teacher)
+    except ValueError as e:
+        raise StudentError(str(e))
+    return cfg
 
 
 def load_data(args, kind, tokenizer, id2label, seq_len, teacher, master, device=None, autocast=None):
