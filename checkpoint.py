@@ -186,11 +186,7 @@ def finished_run(out_dir, args):
             raise CheckpointError(f"--resume: {out_dir} holds a finished run (step {step}) whose checkpoints are "
                                   "deleted; a longer run is a new run, in another --out")
         return step
-    try:
-        with open(os.path.join(out_dir, "run.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
+    config = read_run_json(out_dir)
     step = int(CKPT_PATTERN.search(paths[-1]).group(1))
     if config.get("total_steps") != step or not zipfile.is_zipfile(paths[-1]):
         return None  # unfinished, or its last checkpoint damaged (cut short: no zip directory at its end)
@@ -208,6 +204,17 @@ def finished_run(out_dir, args):
         raise CheckpointError(f"--resume: {paths[-1]} was made with other settings ({detail}); "
                               "resume with the original flags, or start a new run in another --out")
     return step
+
+
+def read_run_json(out_dir):
+    """OUT/run.json, the settings train.py recorded for the run in `out_dir` (its flags, the dtype it
+    computed in, seq_len_used, total_steps, ...), as a dict; empty when there is none or it cannot be
+    read (a run that never started, a file cut short)."""
+    try:
+        with open(os.path.join(out_dir, "run.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def last_logged_step(out_dir):

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+from checkpoint import read_run_json
 from distil import DistilConfig
 from tasks import KINDS
 from token_cache import default_cache_dir
@@ -94,15 +95,7 @@ def run_defaults(out_dir):
     """The flags a run in `out_dir` was started with (OUT/run.json), for --resume: {flag dest: value},
     without the ones that name this invocation (out, resume, config) or were derived from others.
     Empty when the folder holds no run.json."""
-    import os
-    path = os.path.join(out_dir, "run.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
+    saved = read_run_json(out_dir)
     # "dtype" is what the run computed in (never "auto"), so a resume keeps its precision
     return {k: v for k, v in saved.items() if k not in ("out", "resume", "config", "dtype_requested", "dtype_reason")}
 

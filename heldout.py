@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import transformers
 
+from checkpoint import read_run_json
 from data import make_batch, make_sequences, mask_spec, to_device
 from token_cache import DataError, default_cache_dir, load_corpus
 from distil import forward_at_rows
@@ -358,8 +359,7 @@ def run_defaults(args):
     train.py's record): the held-out set, the columns, the label map, the sequence length and the
     teacher. The teacher is taken where it is a folder on this machine (a task's is optional: a hub
     name is not fetched unasked) or where one is required (a masked LM); a line on stderr says which."""
-    path = os.path.join(args.student, "run.json") if args.student else ""
-    run = json.load(open(path)) if os.path.isfile(path) else {}
+    run = read_run_json(args.student) if args.student else {}
     for name in ("valid", "text_column", "text_pair_column", "label_column", "label_map", "cache_dir"):
         if getattr(args, name) is None and run.get(name):
             setattr(args, name, run[name])
