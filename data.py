@@ -116,10 +116,12 @@ def make_sequences(corpus, seq_len, pack=True):
     return Sequences(corpus.tokens, starts, np.minimum(content, doc_len[doc] - piece * content))
 
 
-def collate(seqs, indices, tokenizer):
-    """Sequences `indices` as (input_ids, attention_mask), padded only to the longest of them."""
+def collate(seqs, indices, tokenizer, max_length=None):
+    """Sequences `indices` as (input_ids, attention_mask), padded only to the longest of them (or,
+    given the run's max_length, to static_length's bucket)."""
     lengths = seqs.lengths[indices] + 2
-    input_ids = np.full((len(indices), lengths.max()), tokenizer.pad_token_id, dtype=np.int64)
+    width = lengths.max() if max_length is None else static_length(lengths.max(), max_length)
+    input_ids = np.full((len(indices), width), tokenizer.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros_like(input_ids)
     for row, (i, n) in enumerate(zip(indices, lengths)):
         input_ids[row, 0] = tokenizer.cls_token_id
@@ -159,15 +161,35 @@ def epoch_batches(seqs, batch_size, seed, epoch, rank=0, world_size=1, group_by_
     return list(mine.reshape(n_batches, batch_size))
 
 
-def make_batch(seqs, indices, tokenizer, spec, seed, epoch):
+def make_batch(seqs, indices, tokenizer, spec, seed, epoch, max_length=None):
     """The tensors-to-be of one batch, as numpy arrays: input_ids, attention_mask and labels (B, L),
     and where each loss reads them (distil.batch_rows: flat int64 indices of the real and the
     masked positions, the labels there, and whether anything is padded), so that the training
-    step never has to find them on the device."""
-    input_ids, attention_mask = collate(seqs, indices, tokenizer)
+    step never has to find them on the device. `max_length` (the run's --seq-len, for a compiled
+    step): the shapes are static_length's and masked_size's, the same from batch to batch."""
+    input_ids, attention_mask = collate(seqs, indices, tokenizer, max_length)
     input_ids, labels = mask_tokens(input_ids, attention_mask, indices, seed, epoch, spec)
+    size = None if max_length is None else masked_size(input_ids.shape, spec.prob)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            **batch_rows(attention_mask, labels)}
+            **batch_rows(attention_mask, labels, size)}
+
+
+# A compiled step runs one graph per shape: its batches keep few shapes. A padded batch's length is
+# rounded up to a multiple of 64 (at most --seq-len: 2 lengths at 128, 8 at 512), and the masked rows
+# are padded to the most that mask_tokens can choose in a batch of that shape, with rows that weigh
+# zero (distil.batch_rows), so a graph compiled for a shape serves every later batch of it.
+
+def static_length(length, max_length, multiple=64):
+    """A padded batch's length for a compiled step: its longest sequence `length` rounded up to a
+    multiple of `multiple`, at most max_length (a longer batch keeps its own length)."""
+    return max(length, min(max_length, -(-length // multiple) * multiple))
+
+
+def masked_size(shape, prob):
+    """The most positions mask_tokens masks in a (B, L) batch: each sequence masks
+    floor(prob * maskable + u) of at most L positions, u < 1, so at most floor(prob * L) + 1."""
+    batch_size, length = shape
+    return batch_size * (int(np.floor(prob * length)) + 1)
 
 
 def to_device(batch, device):
@@ -199,10 +221,10 @@ class MicroBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, seqs, tokenizer, spec, batch_size, seed, n_batches, rank=0, world_size=1,
-                 group_by_length=False):
+                 group_by_length=False, max_length=None):
         self.seqs, self.tokenizer, self.spec, self.seed = seqs, tokenizer, spec, seed
         self.batch_size, self.n_batches, self.rank, self.world_size = batch_size, n_batches, rank, world_size
-        self.group_by_length = group_by_length
+        self.group_by_length, self.max_length = group_by_length, max_length  # max_length: static shapes
         self._epoch = self._batches = None  # the last epoch's order, cached per process
 
     def __getitem__(self, m):
@@ -210,7 +232,7 @@ class MicroBatches(torch.utils.data.Dataset):
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(self.seqs, self.batch_size, self.seed, epoch, self.rank,
                                                               self.world_size, self.group_by_length)
-        return make_batch(self.seqs, self._batches[i], self.tokenizer, self.spec, self.seed, epoch)
+        return make_batch(self.seqs, self._batches[i], self.tokenizer, self.spec, self.seed, epoch, self.max_length)
 
 
 def micro_batch_loader(dataset, start, stop, num_workers=0, pin_memory=False):

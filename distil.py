@@ -91,7 +91,7 @@ def parse_layer_map(text, kept_layers, n_teacher_layers):
     return pairs
 
 
-def batch_rows(attention_mask, labels):
+def batch_rows(attention_mask, labels, masked_size=None):
     """Where the losses read, decided on the host: numpy (B, L) attention_mask and labels in,
     numpy int64 flat indices into the B * L positions out.
 
@@ -101,12 +101,36 @@ def batch_rows(attention_mask, labels):
         masked_in_real: where each masked row sits among the real rows (MLM when the logits are
                         computed at the real rows)
         padded:         a Python bool, False when every position is real
+        n_real, n_masked: how many rows are real and masked (Python ints: the denominators' parts)
     Computed once per batch in the data loader's workers, never on the device.
+
+    `masked_size` (a compiled step, whose graph wants the same shapes every batch): the row indices
+    get fixed sizes, padded with rows that weigh zero (pad_rows): masked_rows to masked_size (their
+    labels with -100), real_rows to B * L; real_weight and masked_weight go to the losses (see
+    losses.py), which then give exactly the per-row means over the rows that count.
+    data.masked_size gives the size no batch exceeds.
     """
     attention_mask, labels = np.asarray(attention_mask).reshape(-1), np.asarray(labels).reshape(-1)
     real, masked = np.flatnonzero(attention_mask), np.flatnonzero(labels != -100)
-    return {"real_rows": real, "masked_rows": masked, "masked_labels": labels[masked].astype(np.int64),
-            "masked_in_real": np.searchsorted(real, masked), "padded": len(real) < len(attention_mask)}
+    rows = {"real_rows": real, "masked_rows": masked, "masked_labels": labels[masked].astype(np.int64),
+            "masked_in_real": np.searchsorted(real, masked), "padded": len(real) < len(attention_mask),
+            "n_real": len(real), "n_masked": len(masked)}
+    if masked_size is None:
+        return rows
+    rows["real_rows"], rows["real_weight"] = pad_rows(real, len(attention_mask))
+    rows["masked_rows"], rows["masked_weight"] = pad_rows(masked, masked_size)
+    rows["masked_in_real"] = pad_rows(rows["masked_in_real"], masked_size)[0]
+    rows["masked_labels"] = np.pad(rows["masked_labels"], (0, masked_size - len(masked)), constant_values=-100)
+    return rows
+
+
+def pad_rows(rows, size):
+    """A row index padded to a fixed size for a compiled step: (rows then position 0 up to `size`,
+    float32 weights: 1.0 for each of the rows, 0.0 for the padding). Raises ValueError if rows exceed size."""
+    if len(rows) > size:
+        raise ValueError(f"{len(rows)} rows, more than the fixed size {size} of the compiled step's row index")
+    pad = size - len(rows)
+    return np.pad(rows, (0, pad)), np.pad(np.ones(len(rows), np.float32), (0, pad))
 
 
 def with_rows(batch):
@@ -124,7 +148,7 @@ def with_rows(batch):
 def count_rows(batch, cfg):
     """How many rows each loss reads in `batch` (host ints, from the index lengths): summed over ranks
     and micro-steps, the denominators."""
-    n_real, n_masked = len(batch["real_rows"]), len(batch["masked_rows"])
+    n_real, n_masked = batch.get("n_real", len(batch["real_rows"])), batch.get("n_masked", len(batch["masked_rows"]))
     return {"kd": n_real if cfg.kd_on == "all" else n_masked, "mlm": n_masked, "cos": n_real}
 
 
@@ -177,17 +201,35 @@ def forward_at_rows(model, input_ids, attention_mask, rows, output_hidden_states
     every masked-LM class whose forward is `head(base_model(...)[0])`, which is all of them.
     Returns the logits, shape (len(rows), V), and the hidden states (or None).
     """
-    def keep_rows(module, args, output):
-        output.last_hidden_state = at_rows(output.last_hidden_state, rows)
-        return output
-
-    handle = unwrap(model).base_model.register_forward_hook(keep_rows)
+    keep = row_hook(model)
+    keep.update(on=True, rows=rows)
     try:
         out = model(input_ids=input_ids, attention_mask=prepared_mask(model, attention_mask),
                     output_hidden_states=output_hidden_states)
     finally:
-        handle.remove()
+        keep.update(on=False, rows=None)
     return out.logits, out.hidden_states
+
+
+def row_hook(model):
+    """What forward_at_rows keeps, {"on": bool, "rows": None (every position) or an index tensor},
+    read by a forward hook on the model's base model. The hook is registered once, at the first
+    call, and stays: registering one per call would break a compiled step's graph (torch.compile
+    cannot trace the registration). Off (any other caller of the model), it changes nothing."""
+    base = unwrap(model).base_model
+    if not hasattr(base, "distil_keep_rows"):
+        base.distil_keep_rows = {"on": False, "rows": None}
+        base.register_forward_hook(_keep_rows)
+    return base.distil_keep_rows
+
+
+def _keep_rows(module, args, output):
+    # read from the module (not a closure): a deep copy of the model (a student made from a teacher
+    # that has run) then reads its own copy
+    keep = module.distil_keep_rows
+    if keep["on"]:
+        output.last_hidden_state = at_rows(output.last_hidden_state, keep["rows"])
+    return output
 
 
 # ---- capturing attention internals (only when an attention or relation loss is on) ----
@@ -267,10 +309,13 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
     # no padding (packed sequences): no mask at all, so the model builds none and SDPA runs its fastest kernel
     attention_mask = batch["attention_mask"] if batch["padded"] else None
     real_rows = batch["real_rows"] if batch["padded"] else None  # None: every position
+    # rows of weight 0 pad the row indices of a compiled step to fixed sizes (batch_rows); None: all count
+    real_weight = batch.get("real_weight") if batch["padded"] else None
     denominators = denominators or count_rows(batch, cfg)
     # The student's logits are needed where KD/MSE read them, else only at the masked positions.
     logits_at_real = cfg.needs_teacher_logits() and cfg.kd_on == "all"
     student_rows = real_rows if logits_at_real else batch["masked_rows"]
+    kd_weight = real_weight if logits_at_real else batch.get("masked_weight")
     prepare_layer_losses(student, teacher, cfg)
 
     teacher_logits = teacher_hidden = None
@@ -286,15 +331,15 @@ def distil_step(student, teacher, batch, cfg, denominators=None):
 
     terms = {}
     if cfg.alpha_kd > 0:
-        terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"])
+        terms["kd"] = kd_loss(student_logits, teacher_logits, cfg.temperature, denominators["kd"], kd_weight)
     if cfg.alpha_mlm > 0:
         # logits at the real rows: the masked ones among them (without padding, at their own flat index)
         masked_logits = student_logits.index_select(0, batch["masked_in_real"]) if logits_at_real else student_logits
         terms["mlm"] = mlm_loss(masked_logits, batch["masked_labels"], denominators["mlm"])
     if cfg.alpha_mse > 0:
-        terms["mse"] = mse_loss(student_logits, teacher_logits, denominators["kd"])
+        terms["mse"] = mse_loss(student_logits, teacher_logits, denominators["kd"], kd_weight)
     terms.update(layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows,
-                             denominators["cos"], cfg))
+                             denominators["cos"], cfg, real_weight))
     return weighted(terms, cfg)
 
 
@@ -304,10 +349,12 @@ def weighted(terms, cfg):
     return total, {name: value.detach() for name, value in terms.items()}
 
 
-def layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows, n_real, cfg):
+def layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows, n_real, cfg,
+                weights=None):
     """The losses between the models' layers, over the real positions (`real_rows`: flat indices,
-    None for every position): COS on the last hidden states, HIDDEN, ATTN and RELATION on the pairs
-    of cfg.layer_map. The same for a masked LM and a task model: they read the encoder only."""
+    None for every position; `weights`: one per row, 0 for the padding of a compiled step's fixed
+    sizes, or None): COS on the last hidden states, HIDDEN, ATTN and RELATION on the pairs of
+    cfg.layer_map. The same for a masked LM and a task model: they read the encoder only."""
     at_real = lambda hidden: at_rows(hidden, real_rows)  # (B, L, D) -> (real rows, D)
     attn_pairs = [(t - 1, s - 1) for t, s in cfg.layer_map if t > 0 and s > 0]  # 0-based layers
     # A student narrower than its teacher compares hidden states through a learned projection.
@@ -315,21 +362,21 @@ def layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask
     project = projection if projection is not None else (lambda hidden: hidden)
     terms = {}
     if cfg.alpha_cos > 0:
-        terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real)
+        terms["cos"] = cosine_loss(project(at_real(student_hidden[-1])), at_real(teacher_hidden[-1]), n_real, weights)
     if cfg.alpha_hidden > 0:
         pair_loss = hidden_mse_loss if cfg.hidden_loss == "mse" else cosine_loss
-        terms["hidden"] = sum(pair_loss(project(at_real(student_hidden[s])), at_real(teacher_hidden[t]), n_real)
-                              for t, s in cfg.layer_map) / len(cfg.layer_map)
+        terms["hidden"] = sum(pair_loss(project(at_real(student_hidden[s])), at_real(teacher_hidden[t]), n_real,
+                                        weights) for t, s in cfg.layer_map) / len(cfg.layer_map)
     if cfg.alpha_attn > 0:
         terms["attn"] = sum(attention_loss(captured(student, s), captured(teacher, t), attention_mask, real_rows,
-                                           n_real, cfg) for t, s in attn_pairs) / len(attn_pairs)
+                                           n_real, cfg, weights) for t, s in attn_pairs) / len(attn_pairs)
     if cfg.alpha_relation > 0:
         t, s = attn_pairs[-1]
         student_qkv, teacher_qkv = captured(student, s), captured(teacher, t)
         n_heads = cfg.relation_heads or student_qkv["query"].shape[1]
         merge = lambda x: x.transpose(1, 2).flatten(2)  # (B, heads, L, d) -> (B, L, heads * d)
         terms["relation"] = sum(relation_loss(merge(student_qkv[k]), merge(teacher_qkv[k]), attention_mask, n_heads,
-                                              n_real * n_heads, real_rows) for k in ("query", "key", "value"))
+                                              n_real * n_heads, real_rows, weights) for k in ("query", "key", "value"))
     return terms
 
 
@@ -376,10 +423,12 @@ def freeze_unreached(student, probe_loss):
     return unreached
 
 
-def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, cfg):
-    """ATTN for one pair of layers: rows are (real query position, head) pairs; `real_rows` as in
-    distil_step (None: every position), `attention_mask` None when nothing is padded."""
+def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, cfg, weights=None):
+    """ATTN for one pair of layers: rows are (real query position, head) pairs; `real_rows` and
+    `weights` (one per query row) as in layer_terms, `attention_mask` None when nothing is padded."""
     n_heads = student_att["scores"].shape[1]
+    if weights is not None:  # one weight per (query row, head)
+        weights = weights[:, None].expand(-1, n_heads).reshape(-1)
     if teacher_att["scores"].shape[1] != n_heads:
         raise ValueError(f"attention losses need the same number of heads in teacher and student "
                          f"({teacher_att['scores'].shape[1]} vs {n_heads}); use the relation loss instead")
@@ -390,9 +439,10 @@ def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, 
         # float32 before the mask: in fp16 the mask's minimum plus a negative score is -inf
         with_mask = lambda att: att["scores"].float() + att["mask"].float() if att["mask"] is not None \
             else att["scores"]
-        return attention_kl_loss(by_query(with_mask(student_att)), by_query(with_mask(teacher_att)), n_real * n_heads)
+        return attention_kl_loss(by_query(with_mask(student_att)), by_query(with_mask(teacher_att)), n_real * n_heads,
+                                 weights)
     keys = None
     if attention_mask is not None:
         keys = by_query(attention_mask[:, None, None, :].expand_as(student_att["scores"]))
     return attention_mse_loss(by_query(student_att["scores"]), by_query(teacher_att["scores"]), keys,
-                              n_real * n_heads)
+                              n_real * n_heads, weights)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import batch_rows, collate, make_sequences
-from distil import layer_terms, prepare_layer_losses, unwrap, weighted
+from distil import layer_terms, prepare_layer_losses, prepared_mask, unwrap, weighted
 from losses import embedding_loss
 from student import StudentError, build_student, check_layers, default_layers
 from token_cache import DataError, corpus_digest, corpus_note, load_corpus, read_documents, read_records
@@ -205,7 +205,9 @@ def embed(model, input_ids, attention_mask, output_hidden_states=False):
     """(sentence embeddings (B, D'), the hidden states or None) of a model load_sentence_model made
     (or a student of it; `model` may be wrapped in DDP). attention_mask None: nothing padded."""
     inner = unwrap(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+    # the 4-D mask ready-made: given the 2-D one, transformers reads it back to check it (distil.prepared_mask)
+    out = model(input_ids=input_ids, attention_mask=prepared_mask(model, attention_mask),
+                output_hidden_states=output_hidden_states)
     x = pool(out.last_hidden_state, attention_mask, inner.sentence["pooling"])
     for dense in inner.sentence_dense:
         x = dense(x)
@@ -297,13 +299,14 @@ def first_pieces(corpus, seq_len):
     return seqs, int(over.sum()), int((doc_len[over] - (seq_len - 2)).sum())
 
 
-def embedding_batch(seqs, indices, tokenizer):
+def embedding_batch(seqs, indices, tokenizer, max_length=None):
     """One batch as numpy arrays: input_ids and attention_mask (B, L), padded to the longest text,
-    and where the layer losses read it (distil.batch_rows: real_rows, padded)."""
-    input_ids, attention_mask = collate(seqs, indices, tokenizer)
-    rows = batch_rows(attention_mask, np.full_like(attention_mask, -100))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "real_rows": rows["real_rows"],
-            "padded": rows["padded"]}
+    and where the layer losses read it (distil.batch_rows: real_rows, padded, n_real). `max_length`
+    (a compiled step): the length is data.static_length's, real_rows padded to B * L (real_weight)."""
+    input_ids, attention_mask = collate(seqs, indices, tokenizer, max_length)
+    rows = batch_rows(attention_mask, np.full_like(attention_mask, -100), None if max_length is None else 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            **{k: rows[k] for k in ("real_rows", "padded", "n_real", "real_weight") if k in rows}}
 
 
 def step_batches(seqs, batch_size, grad_accum, seed, epoch, rank=0, world_size=1):
@@ -330,9 +333,11 @@ class EmbeddingBatches(torch.utils.data.Dataset):
     """Micro-batch m of one rank's run, a pure function of m (step_batches' order), collated
     (embedding_batch), for data.micro_batch_loader."""
 
-    def __init__(self, seqs, tokenizer, batch_size, grad_accum, seed, n_batches, rank=0, world_size=1):
+    def __init__(self, seqs, tokenizer, batch_size, grad_accum, seed, n_batches, rank=0, world_size=1,
+                 max_length=None):
         self.seqs, self.tokenizer, self.batch_size, self.grad_accum, self.seed = seqs, tokenizer, batch_size, \
             grad_accum, seed
+        self.max_length = max_length  # static shapes for a compiled step (embedding_batch)
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
         self._epoch = self._batches = None
 
@@ -341,7 +346,7 @@ class EmbeddingBatches(torch.utils.data.Dataset):
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, step_batches(self.seqs, self.batch_size, self.grad_accum, self.seed,
                                                              epoch, self.rank, self.world_size)
-        return embedding_batch(self.seqs, self._batches[i], self.tokenizer)
+        return embedding_batch(self.seqs, self._batches[i], self.tokenizer, self.max_length)
 
 
 def read_heldout(path, text_column, label_column, tokenizer, seq_len):
@@ -380,7 +385,7 @@ def read_heldout(path, text_column, label_column, tokenizer, seq_len):
 def count_embedding_rows(batch, cfg=None):
     """Rows each loss reads in `batch` (host ints): one sentence embedding per text ("embed"), and
     the real positions for the layer losses ("cos")."""
-    return {"embed": len(batch["input_ids"]), "cos": len(batch["real_rows"])}
+    return {"embed": len(batch["input_ids"]), "cos": batch.get("n_real", len(batch["real_rows"]))}
 
 
 def embedding_step(student, teacher, batch, cfg, denominators=None):
@@ -398,6 +403,7 @@ def embedding_step(student, teacher, batch, cfg, denominators=None):
     denominators = denominators or count_embedding_rows(batch)
     attention_mask = batch["attention_mask"] if batch["padded"] else None
     real_rows = batch["real_rows"] if batch["padded"] else None
+    real_weight = batch.get("real_weight") if batch["padded"] else None  # a compiled step's padding rows: 0
     prepare_layer_losses(student, teacher, cfg)
     hidden = cfg.needs_hidden_states()
     with torch.no_grad():
@@ -407,7 +413,7 @@ def embedding_step(student, teacher, batch, cfg, denominators=None):
     if cfg.alpha_embed > 0:
         terms["embed"] = embedding_loss(student_embedding, teacher_embedding, denominators["embed"], cfg.embed_loss)
     terms.update(layer_terms(student, teacher, student_hidden, teacher_hidden, attention_mask, real_rows,
-                             denominators["cos"], cfg))
+                             denominators["cos"], cfg, real_weight))
     return weighted(terms, cfg)
 
 
@@ -686,7 +692,7 @@ def embedding_run(args, inputs, teacher, n_batches, rank, world_size, device, au
     return SimpleNamespace(
         step=embedding_step, count=count_embedding_rows, probe_batch=embedding_probe_batch,
         dataset=EmbeddingBatches(inputs.train_data, tokenizer, args.batch_size, args.grad_accum, args.seed, n_batches,
-                                 rank, world_size),
+                                 rank, world_size, inputs.seq_len if args.compile else None),
         evaluate=evaluate, write_card=write_card, save=save_embedding_student)
 
 

@@ -196,7 +196,11 @@ def parse_args(argv=None):
       help="autocast dtype; auto = bf16 on a GPU that has it (else fp16) and on a CPU with AMX (else fp32); "
            "the run's first line says which, and a resume keeps it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = a GPU if there is one")
-    a("--compile", action="store_true", help="torch.compile the student's encoder layers")
+    a("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+      help="torch.compile the whole step (both forwards, the losses, the backward) into one graph; auto = on a "
+           "GPU, off on a CPU (where compiling costs more than it saves in a short run: docs/speed.md)")
+    a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+      help="torch.compile's mode: reduce-overhead replays the step as CUDA graphs (fewest launches; more memory)")
     a("--ddp-bf16-grads", action="store_true", help="all-reduce the gradients in bf16 under torchrun (half the "
       "bytes; each gradient rounded to bf16 on the wire, relative error about 0.4%%)")
     a("--num-workers", type=int, help="DataLoader processes building batches ahead of the step "

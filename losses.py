@@ -11,6 +11,10 @@ Conventions shared by every function here:
   back from the GPU). Zero rows is legal: the sum is 0, and a denominator of 0 counts as 1, so a
   micro-batch (or a whole step) without a masked position adds 0 instead of crashing or dividing
   by zero.
+- `weights` (optional, every loss): a float (rows,) tensor of 0s and 1s, the rows of weight 0 counting
+  for nothing. A compiled step pads its row indices to a fixed size with such rows, so that the shapes,
+  and the compiled graph, stay the same from batch to batch (distil.batch_rows); the loss is then
+  exactly the per-row mean over the real rows, as without padding. None: every row counts.
 - Nothing here reads a value back from the device (no .item(), no boolean-mask indexing): rows are
   selected by the caller, with index tensors computed on the host (see distil.py).
 - Softmax, KL, cross-entropy and cosine are computed in float32 whatever the input dtype: in
@@ -28,6 +32,16 @@ def _rows(x):
     return x.shape[:-1].numel()
 
 
+def _weighted_sum(per_row, weights):
+    """The sum of per_row (rows,) over the rows, each times its weight when `weights` is given."""
+    return per_row.sum() if weights is None else (per_row * weights).sum()
+
+
+def _per_head(weights, n_heads):
+    """Row weights (rows,) repeated for each of n_heads, as (rows * n_heads,): attention losses' rows."""
+    return None if weights is None else weights[:, None].expand(-1, n_heads).reshape(-1)
+
+
 def _per_row_mean(total, denominator, rows):
     """total / denominator (default: the number of rows), with 0 rows giving 0, not NaN. Only 0 is
     replaced: a loop dividing a global count by its number of ranks may pass fractions below 1."""
@@ -37,7 +51,7 @@ def _per_row_mean(total, denominator, rows):
     return total / (n if n > 0 else 1)
 
 
-def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
+def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None, weights=None):
     """Knowledge distillation (Hinton et al. 2015; DistilBERT's L_ce).
 
         kd = T^2 / n * sum_rows KL( softmax(t / T) || softmax(s / T) )
@@ -55,22 +69,27 @@ def kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
     without holding several float32 copies of the (rows, V) logits. A teacher probability of
     exactly 0 (a masked key in attention_kl_loss) contributes 0, as in the limit p log p -> 0.
 
-    student_logits, teacher_logits: (..., V), any float dtype; returns a float32 scalar tensor.
+    student_logits, teacher_logits: (..., V), any float dtype; weights: (rows,) or None (see the
+    module's docstring); returns a float32 scalar tensor.
     """
     s = student_logits.reshape(-1, student_logits.shape[-1])
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    kl = _ChunkedKL.apply(s, t, float(temperature))
+    kl = _ChunkedKL.apply(s, t, float(temperature), weights)
     return _per_row_mean(kl * temperature**2, denominator, s.shape[0])
 
 
-def _kl_block(student_block, teacher_block, temperature):
-    """KL summed over one block of rows, and its gradient w.r.t. the student's logits (float32)."""
+def _kl_block(student_block, teacher_block, temperature, weights=None):
+    """KL summed over one block of rows (each times its weight, if given), and its gradient w.r.t.
+    the student's logits (float32)."""
     log_p_s = F.log_softmax(student_block.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_block.float() / temperature, dim=-1)
     p_t = log_p_t.exp()
     # where p_t is 0 (a key masked with -inf) the term is 0: 0 * (-inf - x) would be NaN
-    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum()
-    return kl, (log_p_s.exp() - p_t) / temperature
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)
+    grad = (log_p_s.exp() - p_t) / temperature
+    if weights is None:
+        return kl.sum(), grad
+    return (kl.sum(-1) * weights).sum(), grad * weights[:, None]
 
 
 _warned = set()
@@ -83,7 +102,8 @@ def compiled_or_eager(fn, what, devices=("cuda",), **options):
     first call fails (no C compiler, a broken Triton: Inductor raises BackendCompilerFailed), one
     line on stderr says so and `fn` runs eagerly from then on; it computes the same numbers, more
     slowly. A later compilation failure (a recompile for a new shape) falls back the same way.
-    Elsewhere `fn` itself. The first tensor among the arguments says the device."""
+    Elsewhere `fn` itself. The first tensor among the arguments says the device; devices=None: always
+    compiled (the caller has decided)."""
     choice = {}
 
     def fall_back(error):
@@ -96,8 +116,10 @@ def compiled_or_eager(fn, what, devices=("cuda",), **options):
               "eagerly (the same numbers, slower)", file=sys.stderr, flush=True)
 
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # inside a compiled step: traced into its graph
+            return fn(*args, **kwargs)
         device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
-        if device is None or device.type not in devices:
+        if devices is not None and (device is None or device.type not in devices):
             return fn(*args, **kwargs)
         if "fn" not in choice:
             choice["fn"] = torch.compile(fn, **options)
@@ -134,7 +156,7 @@ class _ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, temperature):
+    def forward(ctx, student_logits, teacher_logits, temperature, weights=None):
         # On a CPU, ~1 MiB float32 blocks stay in cache; on a GPU, ~256 MiB blocks bound the memory
         # while keeping the kernel launches few.
         block_elements = (1 << 18) if student_logits.device.type == "cpu" else (1 << 26)
@@ -143,8 +165,9 @@ class _ChunkedKL(torch.autograd.Function):
         grad = torch.empty_like(student_logits, dtype=grad_dtype) if student_logits.requires_grad else None
         kl = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         for i in range(0, student_logits.shape[0], rows_per_block):
-            block_kl, block_grad = kl_block(student_logits[i:i + rows_per_block],
-                                            teacher_logits[i:i + rows_per_block], temperature)
+            block = slice(i, i + rows_per_block)
+            block_kl, block_grad = kl_block(student_logits[block], teacher_logits[block], temperature,
+                                            None if weights is None else weights[block])
             kl += block_kl
             if grad is not None:
                 grad[i:i + rows_per_block] = block_grad
@@ -156,10 +179,10 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, grad_kl):
         (grad,) = ctx.saved_tensors
         # the incoming factor (T^2 / n, and under fp16 the loss scale) is applied before any cast
-        return (grad * grad_kl.to(grad.dtype)).to(ctx.logits_dtype), None, None
+        return (grad * grad_kl.to(grad.dtype)).to(ctx.logits_dtype), None, None, None
 
 
-def cross_entropy_loss(student_logits, labels, denominator=None):
+def cross_entropy_loss(student_logits, labels, denominator=None, weights=None):
     """Cross-entropy on the true labels: DistilBERT's L_mlm on masked tokens, the hard-label loss
     of a classification or token-classification task.
 
@@ -172,7 +195,10 @@ def cross_entropy_loss(student_logits, labels, denominator=None):
     """
     labels = labels.reshape(-1)
     logits = student_logits.reshape(-1, student_logits.shape[-1])
-    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    if weights is None:
+        total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    else:
+        total = _weighted_sum(F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none"), weights)
     n = (labels != -100).sum() if denominator is None else denominator
     return _per_row_mean(total, n, None)
 
@@ -180,7 +206,7 @@ def cross_entropy_loss(student_logits, labels, denominator=None):
 mlm_loss = cross_entropy_loss  # the masked-LM loss is cross-entropy on the masked positions' true tokens
 
 
-def cosine_loss(student_hidden, teacher_hidden, denominator=None):
+def cosine_loss(student_hidden, teacher_hidden, denominator=None, weights=None):
     """Cosine embedding loss between hidden states (DistilBERT's L_cos, target +1).
 
         cos = 1/n * sum_rows (1 - <s, t> / (|s| |t|))
@@ -189,10 +215,10 @@ def cosine_loss(student_hidden, teacher_hidden, denominator=None):
     norms. The student's hidden size must equal the teacher's.
     """
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
-    return _per_row_mean((1.0 - cos).sum(), denominator, _rows(student_hidden))
+    return _per_row_mean(_weighted_sum(1.0 - cos, weights), denominator, _rows(student_hidden))
 
 
-def mse_loss(student_logits, teacher_logits, denominator=None):
+def mse_loss(student_logits, teacher_logits, denominator=None, weights=None):
     """Squared error between logits, summed over the vocabulary (DistilBERT's optional L_mse).
 
         mse = 1/n * sum_rows sum_v (s[v] - t[v])^2
@@ -201,11 +227,14 @@ def mse_loss(student_logits, teacher_logits, denominator=None):
     implementations (the Catalyst-based project among them) also divide by the vocabulary size V,
     which makes the same alpha_mse V times weaker.
     """
-    sq = F.mse_loss(student_logits.float(), teacher_logits.detach().float(), reduction="sum")
+    if weights is None:
+        sq = F.mse_loss(student_logits.float(), teacher_logits.detach().float(), reduction="sum")
+    else:
+        sq = _weighted_sum(((student_logits.float() - teacher_logits.detach().float()) ** 2).sum(-1), weights)
     return _per_row_mean(sq, denominator, _rows(student_logits))
 
 
-def multi_label_kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None):
+def multi_label_kd_loss(student_logits, teacher_logits, temperature=2.0, denominator=None, weights=None):
     """Knowledge distillation for a multi-label task: each label is its own yes/no question, so the
     softened distributions are Bernoulli (sigmoid) ones, one per label.
 
@@ -219,10 +248,10 @@ def multi_label_kd_loss(student_logits, teacher_logits, temperature=2.0, denomin
     p_t = torch.sigmoid(t)
     kl = (F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
           - F.binary_cross_entropy_with_logits(t, p_t, reduction="none"))
-    return _per_row_mean(kl.mean(-1).sum() * temperature**2, denominator, _rows(student_logits))
+    return _per_row_mean(_weighted_sum(kl.mean(-1), weights) * temperature**2, denominator, _rows(student_logits))
 
 
-def binary_cross_entropy_loss(student_logits, targets, denominator=None):
+def binary_cross_entropy_loss(student_logits, targets, denominator=None, weights=None):
     """The hard-label loss of a multi-label task (transformers' BCEWithLogitsLoss when n = rows).
 
         bce = -1/n * sum_rows 1/C * sum_c [y_c log sigmoid(s_c) + (1 - y_c) log(1 - sigmoid(s_c))]
@@ -230,10 +259,10 @@ def binary_cross_entropy_loss(student_logits, targets, denominator=None):
     targets: (..., C), 1.0 where the label applies and 0.0 where not; returns a float32 scalar.
     """
     bce = F.binary_cross_entropy_with_logits(student_logits.float(), targets.float(), reduction="none")
-    return _per_row_mean(bce.mean(-1).sum(), denominator, _rows(student_logits))
+    return _per_row_mean(_weighted_sum(bce.mean(-1), weights), denominator, _rows(student_logits))
 
 
-def regression_loss(student_predictions, targets, denominator=None):
+def regression_loss(student_predictions, targets, denominator=None, weights=None):
     """Squared error of a regression head (STS-B): against the gold scores as the hard-label loss,
     against the teacher's predictions as its KD (a regression has no distribution to soften, so
     no temperature).
@@ -243,14 +272,14 @@ def regression_loss(student_predictions, targets, denominator=None):
     predictions, targets: (..., C) with C outputs (1 for STS-B); transformers' MSELoss when n = rows.
     """
     sq = (student_predictions.float() - targets.detach().float()) ** 2
-    return _per_row_mean(sq.mean(-1).sum(), denominator, _rows(student_predictions))
+    return _per_row_mean(_weighted_sum(sq.mean(-1), weights), denominator, _rows(student_predictions))
 
 
 # ---------------------------------------------------------------------------------------------
 # Intermediate-layer losses (off in the DistilBERT recipe; from the later literature)
 # ---------------------------------------------------------------------------------------------
 
-def hidden_mse_loss(student_hidden, teacher_hidden, denominator=None):
+def hidden_mse_loss(student_hidden, teacher_hidden, denominator=None, weights=None):
     """Hidden-state regression between a mapped pair of layers (TinyBERT, Jiao et al. 2020; PKD).
 
         hidden_mse = 1/n * sum_rows 1/D * sum_d (s[d] - t[d])^2
@@ -259,11 +288,14 @@ def hidden_mse_loss(student_hidden, teacher_hidden, denominator=None):
     MSELoss. The student's hidden size must equal the teacher's (project it first otherwise).
     Its cosine counterpart is `cosine_loss`.
     """
-    sq = F.mse_loss(student_hidden.float(), teacher_hidden.detach().float(), reduction="sum")
+    if weights is None:
+        sq = F.mse_loss(student_hidden.float(), teacher_hidden.detach().float(), reduction="sum")
+    else:
+        sq = _weighted_sum(((student_hidden.float() - teacher_hidden.detach().float()) ** 2).sum(-1), weights)
     return _per_row_mean(sq / student_hidden.shape[-1], denominator, _rows(student_hidden))
 
 
-def attention_kl_loss(student_scores, teacher_scores, denominator=None):
+def attention_kl_loss(student_scores, teacher_scores, denominator=None, weights=None):
     """Self-attention distribution transfer (MiniLM, Wang et al. 2020).
 
         attn_kl = 1/n * sum_rows KL( softmax(t) || softmax(s) )
@@ -273,10 +305,10 @@ def attention_kl_loss(student_scores, teacher_scores, denominator=None):
     attention distribution. n defaults to the number of rows: the mean over heads and positions.
     The same computation as kd_loss at temperature 1 (masked keys have probability 0 in both).
     """
-    return kd_loss(student_scores, teacher_scores, 1.0, denominator)
+    return kd_loss(student_scores, teacher_scores, 1.0, denominator, weights)
 
 
-def attention_mse_loss(student_scores, teacher_scores, key_mask=None, denominator=None):
+def attention_mse_loss(student_scores, teacher_scores, key_mask=None, denominator=None, weights=None):
     """Attention-score regression (TinyBERT, Jiao et al. 2020).
 
         attn_mse = 1/n * sum_rows 1/K_row * sum_{real keys k} (s[k] - t[k])^2
@@ -291,7 +323,7 @@ def attention_mse_loss(student_scores, teacher_scores, key_mask=None, denominato
         per_row = sq.sum(-1) / key_mask.sum(-1).clamp(min=1)
     else:
         per_row = sq.mean(-1)
-    return _per_row_mean(per_row.sum(), denominator, _rows(student_scores))
+    return _per_row_mean(_weighted_sum(per_row.reshape(-1), weights), denominator, _rows(student_scores))
 
 
 def relation_scores(x, attention_mask, n_heads):
@@ -307,7 +339,7 @@ def relation_scores(x, attention_mask, n_heads):
     return scores.transpose(1, 2)
 
 
-def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=None, query_rows=None):
+def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=None, query_rows=None, weights=None):
     """Self-attention relation transfer (MiniLMv2, Wang et al. 2021), for one of q, k or v.
 
         relation = 1/n * sum_{real query positions i, relation heads r}
@@ -319,7 +351,8 @@ def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=Non
     `attention_mask` (B, L), 1 = real, or None: padded keys are left out of each softmax;
     `query_rows` (int64, flat indices into the B * L positions, computed on the host) are the query
     positions that count; None: the real ones of attention_mask (found on the device: a read-back
-    a training step avoids by passing them). n defaults to (query rows) x n_heads.
+    a training step avoids by passing them); `weights`, one per query row. n defaults to (query
+    rows) x n_heads.
     """
     if query_rows is None and attention_mask is not None:
         query_rows = attention_mask.reshape(-1).nonzero().squeeze(1)
@@ -327,7 +360,7 @@ def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=Non
     teacher_rel = relation_scores(teacher_x.detach(), attention_mask, n_heads).flatten(0, 1)
     if query_rows is not None:
         student_rel, teacher_rel = student_rel.index_select(0, query_rows), teacher_rel.index_select(0, query_rows)
-    return kd_loss(student_rel, teacher_rel, 1.0, denominator)
+    return kd_loss(student_rel, teacher_rel, 1.0, denominator, _per_head(weights, n_heads))
 
 
 def embedding_loss(student_embeddings, teacher_embeddings, denominator=None, kind="mse"):

@@ -275,24 +275,3 @@ def make_distilbert_student(teacher, layers=None, init="teacher"):
         distil.embeddings.position_embeddings.weight.copy_(
             bert.embeddings.position_embeddings.weight + bert.embeddings.token_type_embeddings.weight[0])
     return student.train()
-
-
-def compile_layers(model, compile=torch.compile):
-    """torch.compile each encoder layer's forward on its own (one graph, reused by every layer), and
-    leave the rest in Python: the embeddings, transformers' recording of hidden states (forward hooks
-    on the layers, outside the compiled forward) and the row selection before the MLM head.
-
-    transformers records attention maps through forward hooks on the attention modules, inside the
-    layers, which read a ContextVar that torch.compile cannot trace: a graph break in every layer.
-    Attention maps are never asked of the student (the attention losses capture their own), so those
-    hooks are removed. They are installed at the first forward: call this after one. `compile`:
-    torch.compile, or a wrapper that falls back to eager when compilation fails (train.py passes
-    losses.compiled_or_eager).
-    """
-    for layer in encoder_layers(model):
-        for module in layer.modules():
-            for key, hook in list(module._forward_hooks.items()):
-                if module is not layer and getattr(hook, "__name__", "") == "output_capturing_hook":
-                    del module._forward_hooks[key]
-        layer.forward = compile(layer.forward)
-    return model

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import epoch_batches
+from data import epoch_batches, static_length
 from token_cache import DataError, dataset_fingerprint, is_dataset, open_dataset, plain_backend, read_records
-from distil import at_rows, layer_terms, prepare_layer_losses, prepared_mask, unwrap, weighted
+from distil import at_rows, layer_terms, pad_rows, prepare_layer_losses, prepared_mask, unwrap, weighted
 from losses import binary_cross_entropy_loss, cross_entropy_loss, kd_loss, mse_loss, multi_label_kd_loss, regression_loss
 from teacher_cache import as_logits
 
@@ -582,7 +582,7 @@ def check_labelled(examples, path, flag, alpha_label=None):
 # 3. Batches
 # ---------------------------------------------------------------------------------------------
 
-def task_rows(attention_mask, labels, kind, word_mask=None):
+def task_rows(attention_mask, labels, kind, word_mask=None, static=False):
     """Where a task's losses read, decided on the host from numpy arrays in transformers' layouts:
 
         labels: (B,) int64, -100 = no label         single_label_classification
@@ -593,8 +593,28 @@ def task_rows(attention_mask, labels, kind, word_mask=None):
 
     Returns numpy int64 indices: real_rows (flat into B * L, the layer losses), kd_rows (the
     teacher's soft targets: every sequence, or every predicted token, flat), label_rows (those
-    with a label) and row_labels (the labels there: int64, or float32 (n, C)), and `padded`.
+    with a label) and row_labels (the labels there: int64, or float32 (n, C)), `padded`, and the
+    counts n_real, n_kd, n_label (Python ints). `static` (a compiled step): each index padded to
+    its largest size (B * L positions, or B sequences) with rows that weigh zero (distil.pad_rows;
+    the weights in real_weight, kd_weight, label_weight), so that every batch of a shape has the same.
     """
+    rows = _task_rows(attention_mask, labels, kind, word_mask)
+    rows.update(n_real=len(rows["real_rows"]), n_kd=len(rows["kd_rows"]), n_label=len(rows["label_rows"]))
+    if not static:
+        return rows
+    positions, n_sequences = np.asarray(attention_mask).size, len(np.asarray(attention_mask))
+    rows["real_rows"], rows["real_weight"] = pad_rows(rows["real_rows"], positions)
+    size = positions if kind == "token_classification" else n_sequences
+    rows["kd_rows"], rows["kd_weight"] = pad_rows(rows["kd_rows"], size)
+    n_label = len(rows["label_rows"])
+    rows["label_rows"], rows["label_weight"] = pad_rows(rows["label_rows"], size)
+    fill = -100 if rows["row_labels"].dtype == np.int64 else 0.0  # 0.0, not NaN: 0 x NaN is NaN
+    rows["row_labels"] = np.pad(rows["row_labels"], [(0, size - n_label)] + [(0, 0)] * (rows["row_labels"].ndim - 1),
+                                constant_values=fill)
+    return rows
+
+
+def _task_rows(attention_mask, labels, kind, word_mask):
     attention_mask = np.asarray(attention_mask)
     real = np.flatnonzero(attention_mask.reshape(-1))
     rows = {"real_rows": real, "padded": len(real) < attention_mask.size}
@@ -614,14 +634,17 @@ def task_rows(attention_mask, labels, kind, word_mask=None):
     return {**rows, "label_rows": labelled, "row_labels": values[labelled]}
 
 
-def task_batch(examples, indices, pad_id, teacher_logits=None):
+def task_batch(examples, indices, pad_id, teacher_logits=None, max_length=None):
     """Examples `indices` as a batch of numpy arrays, padded to the longest: input_ids,
     attention_mask (and token_type_ids for text pairs), the labels in transformers' layout, and
     task_rows' indices, computed here on the host so that the step never looks for them.
     `teacher_logits` (teacher_cache.TeacherLogits): the batch also holds "teacher_logits", the
-    teacher's cached logits at the KD rows (kd_rows, num_labels), gathered here on the host."""
+    teacher's cached logits at the KD rows (kd_rows, num_labels), gathered here on the host.
+    `max_length` (the run's --seq-len, for a compiled step): the length is data.static_length's and
+    the row indices task_rows' static ones, so that batches keep few shapes."""
     lengths = examples.lengths[indices]
-    shape = (len(indices), int(lengths.max()))
+    longest = int(lengths.max())
+    shape = (len(indices), longest if max_length is None else static_length(longest, max_length))
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     attention_mask = np.zeros(shape, dtype=np.int64)
     token_type_ids = np.zeros(shape, dtype=np.int64) if examples.token_type_ids is not None else None
@@ -642,13 +665,16 @@ def task_batch(examples, indices, pad_id, teacher_logits=None):
         labels = examples.labels[indices]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
              "example_ids": np.asarray(indices, dtype=np.int64),
-             **task_rows(attention_mask, labels, examples.kind, word_mask)}
+             **task_rows(attention_mask, labels, examples.kind, word_mask, static=max_length is not None)}
     if token_type_ids is not None:
         batch["token_type_ids"] = token_type_ids
     if examples.kind == "token_classification":
         batch["word_mask"] = word_mask
     if teacher_logits is not None:
-        batch["teacher_logits"] = teacher_logits.at(examples, indices)
+        cached = teacher_logits.at(examples, indices)
+        if max_length is not None:  # as kd_rows: padded with rows that weigh zero
+            cached = np.pad(cached, [(0, len(batch["kd_rows"]) - len(cached)), (0, 0)])
+        batch["teacher_logits"] = cached
     return batch
 
 
@@ -658,8 +684,10 @@ class TaskBatches(torch.utils.data.Dataset):
     same batches), for micro_batch_loader's DataLoader. `teacher_logits` (--teacher-cache): each
     batch carries the teacher's cached logits (task_batch)."""
 
-    def __init__(self, examples, pad_id, batch_size, seed, n_batches, rank=0, world_size=1, teacher_logits=None):
+    def __init__(self, examples, pad_id, batch_size, seed, n_batches, rank=0, world_size=1, teacher_logits=None,
+                 max_length=None):
         self.examples, self.pad_id, self.batch_size, self.seed = examples, pad_id, batch_size, seed
+        self.max_length = max_length  # static shapes for a compiled step (task_batch)
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
         self.teacher_logits = teacher_logits
         self._epoch = self._batches = None
@@ -669,7 +697,7 @@ class TaskBatches(torch.utils.data.Dataset):
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(self.examples, self.batch_size, self.seed, epoch,
                                                               self.rank, self.world_size)
-        return task_batch(self.examples, self._batches[i], self.pad_id, self.teacher_logits)
+        return task_batch(self.examples, self._batches[i], self.pad_id, self.teacher_logits, self.max_length)
 
 
 def valid_task_batches(examples, pad_id, batch_size, rank=0, world_size=1):
@@ -685,7 +713,8 @@ def valid_task_batches(examples, pad_id, batch_size, rank=0, world_size=1):
 
 def count_task_rows(batch, cfg):
     """How many rows each task loss reads in `batch` (host ints): the denominators' parts."""
-    return {"kd": len(batch["kd_rows"]), "label": len(batch["label_rows"]), "cos": len(batch["real_rows"])}
+    count = lambda name: batch.get(f"n_{name}", len(batch[f"{name}_rows"]))
+    return {"kd": count("kd"), "label": count("label"), "cos": count("real")}
 
 
 def task_step(student, teacher, batch, cfg, kind, denominators=None):
@@ -708,6 +737,9 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
     denominators = denominators or count_task_rows(batch, cfg)
     attention_mask = batch["attention_mask"] if batch["padded"] else None
     real_rows = batch["real_rows"] if batch["padded"] else None
+    # rows of weight 0 pad a compiled step's row indices to fixed sizes (task_rows); None: every row counts
+    real_weight = batch.get("real_weight") if batch["padded"] else None
+    kd_weight, label_weight = batch.get("kd_weight"), batch.get("label_weight")
     inputs = {"input_ids": batch["input_ids"], "output_hidden_states": cfg.needs_hidden_states()}
     if "token_type_ids" in batch:  # the segment of each token of a text pair (BERT-style models)
         inputs["token_type_ids"] = batch["token_type_ids"]
@@ -726,24 +758,24 @@ def task_step(student, teacher, batch, cfg, kind, denominators=None):
         t = as_logits(cached) if cached is not None else at(teacher_out.logits, batch["kd_rows"])
         if cfg.alpha_kd > 0:
             if kind == "regression":
-                terms["kd"] = regression_loss(s, t, denominators["kd"])
+                terms["kd"] = regression_loss(s, t, denominators["kd"], kd_weight)
             elif kind == "multi_label_classification":
-                terms["kd"] = multi_label_kd_loss(s, t, cfg.temperature, denominators["kd"])
+                terms["kd"] = multi_label_kd_loss(s, t, cfg.temperature, denominators["kd"], kd_weight)
             else:
-                terms["kd"] = kd_loss(s, t, cfg.temperature, denominators["kd"])
+                terms["kd"] = kd_loss(s, t, cfg.temperature, denominators["kd"], kd_weight)
         if cfg.alpha_mse > 0:
-            terms["mse"] = mse_loss(s, t, denominators["kd"])
+            terms["mse"] = mse_loss(s, t, denominators["kd"], kd_weight)
     if cfg.alpha_label > 0:
         s, y = at(student_logits, batch["label_rows"]), batch["row_labels"]
         if kind == "regression":
-            terms["label"] = regression_loss(s, y, denominators["label"])
+            terms["label"] = regression_loss(s, y, denominators["label"], label_weight)
         elif kind == "multi_label_classification":
-            terms["label"] = binary_cross_entropy_loss(s, y, denominators["label"])
-        else:
+            terms["label"] = binary_cross_entropy_loss(s, y, denominators["label"], label_weight)
+        else:  # padded rows have label -100, which cross-entropy skips
             terms["label"] = cross_entropy_loss(s, y, denominators["label"])
     teacher_hidden = teacher_out.hidden_states if teacher_out is not None else None
     terms.update(layer_terms(student, teacher, student_out.hidden_states, teacher_hidden, attention_mask,
-                             real_rows, denominators["cos"], cfg))
+                             real_rows, denominators["cos"], cfg, real_weight))
     return weighted(terms, cfg)
 
 

@@ -38,19 +38,19 @@ from embeddings import KIND as EMBEDDING, embedding_run
 from distil import count_rows, distil_step, freeze_unreached, probe_batch, unwrap
 from flags import parse_args, recipe_defaults
 from heldout import evaluate_masked_lm, evaluate_task_model, label_order_warnings
-from losses import compiled_or_eager
 from logs import LogError, check_log_spec, close_loggers, log_metrics, open_loggers
 from modelcard import HubError, push_to_hub, write_model_card, write_task_model_card
 from precision import DTYPES, autocast_for, pick_dtype
 from run_folder import open_run_folder, resume_state, run_config, save_run_checkpoint, start_or_resume
 from run_inputs import load_inputs
 from pretrained import load_teacher, save_student, task_kind
-from student import StudentError, compile_layers
+from student import StudentError
 from tasks import KINDS, TaskBatches, count_task_rows, task_probe_batch, task_step
 from teacher_cache import teacher_logits_for_run
 from token_cache import DataError
-from train_step import (StepCounters, bf16_all_reduce_hook, check_bad_steps, dropout_seed, forward_backward,
-                        get_lr, global_denominators, host_to_device, make_optimizer, optimizer_step)
+from train_step import (StepCounters, bf16_all_reduce_hook, check_bad_steps, compile_step, dropout_seed,
+                        forward_backward, get_lr, global_denominators, host_to_device, make_optimizer, optimizer_step,
+                        use_compile)
 
 
 def setup_device(args):
@@ -74,6 +74,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # our own checks report what matters, in one line
     transformers.utils.logging.disable_progress_bar()
     rank, local_rank, world_size, device = setup_device(args)
+    args.compile = use_compile(args.compile, device)  # "auto": on a GPU
     ddp, master = world_size > 1, rank == 0
     finished = start_or_resume(args, rank, world_size, master)
     if finished is not None:  # one line said so: exit 0, so that torchrun --max-restarts does not retry
@@ -111,6 +112,7 @@ def main(argv=None):
     # ---- the models on the device, DDP, the optimizer ----
     student, cfg = inputs.student, inputs.cfg
     model = place_models(student, teacher, run, cfg, args, device, dtype, local_rank, world_size, master)
+    step_fn = compile_step(run.step, args.compile_mode, device) if args.compile else run.step  # after the probe
     betas = tuple(float(b) for b in args.adam_betas.split(","))
     optimizer = make_optimizer(student, args.lr, betas, args.adam_eps, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -154,7 +156,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(dropout_seed(args.seed, step, rank))
-            losses = forward_backward(model, teacher, micro, run.step, cfg, denominators, names, device, autocast,
+            losses = forward_backward(model, teacher, micro, step_fn, cfg, denominators, names, device, autocast,
                                       scaler)
             # The previous step's counters, read one step late, once this step's kernels are queued (so the
             # host never waits for an empty queue): a stop or save asked in step k's all-reduce is acted on
@@ -254,9 +256,6 @@ def place_models(student, teacher, run, cfg, args, device, dtype, local_rank, wo
     frozen = freeze_unreached(student, run.step(student, teacher, run.probe_batch(student), cfg)[0])
     if frozen and master:
         print(f"not trained (no active loss reaches them): {', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
-    if args.compile:  # after the probe's forward (see compile_layers)
-        compile_layers(student, partial(compiled_or_eager, what="the student's encoder layers",
-                                        devices=("cuda", "cpu")))
     if world_size == 1:
         return student
     # A timeout, so that the ranks left waiting for a lost one end (cluster.process_group_options)
@@ -305,6 +304,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
     if kind == EMBEDDING:  # a sentence-transformers teacher: its sentence embeddings (embeddings.py)
         return embedding_run(args, inputs, teacher, n_batches, rank, world_size, device, autocast)
     tokenizer, train_data, valid_data = inputs.tokenizer, inputs.train_data, inputs.valid_data
+    max_length = inputs.seq_len if args.compile else None  # a compiled step: batches of few shapes
     if kind is None:
         def evaluate(model, teacher_predictions=None):
             return evaluate_masked_lm(model, valid_data, tokenizer, args.batch_size, device, autocast, rank,
@@ -319,7 +319,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         return SimpleNamespace(
             step=distil_step, count=partial(count_rows, cfg=inputs.cfg), probe_batch=probe_batch,
             dataset=MicroBatches(train_data, tokenizer, inputs.spec, args.batch_size, args.seed, n_batches, rank,
-                                 world_size, group_by_length=not args.pack),
+                                 world_size, group_by_length=not args.pack, max_length=max_length),
             evaluate=evaluate, write_card=write_card, save=save_student)
 
     def evaluate(model, teacher_predictions=None):
@@ -338,7 +338,7 @@ def pick_run(kind, args, inputs, teacher, n_batches, rank, world_size, device, a
         step=partial(task_step, kind=kind), count=partial(count_task_rows, cfg=inputs.cfg),
         probe_batch=partial(task_probe_batch, kind=kind),
         dataset=TaskBatches(train_data, tokenizer.pad_token_id, args.batch_size, args.seed, n_batches, rank,
-                            world_size, cached),
+                            world_size, cached, max_length),
         evaluate=evaluate, write_card=write_card, save=save_student)
 
 

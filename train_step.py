@@ -18,6 +18,30 @@ import torch
 import torch.distributed as dist
 
 from data import to_device
+from losses import compiled_or_eager
+
+
+def use_compile(choice, device):
+    """--compile as a bool: "on", "off", or "auto", which compiles on a GPU, where the eager step's
+    ~1,400 kernel launches per micro-step leave the GPU waiting for the host, and not on a CPU, where
+    the compilation costs more than it saves in a short run (docs/speed.md)."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def compile_step(step_fn, mode, device):
+    """`step_fn` (distil_step, task_step, embedding_step) through torch.compile: both models' forwards,
+    the losses and, through AOTAutograd, the student's backward as compiled graphs, with no graph
+    break (tests/test_compile.py). One graph per batch shape: a compiled run's batches have few shapes
+    (data.static_length, data.masked_size). Call it after one eager step (train.py's probe step):
+    transformers and distil.forward_at_rows install their hooks at the first forward, which a graph
+    cannot trace. If compiling fails, one warning line and the eager step (losses.compiled_or_eager).
+    `mode`: torch.compile's ("default", "reduce-overhead" for CUDA graphs, "max-autotune")."""
+    if device.type == "cpu":
+        # Inductor's own random numbers for dropout's masks are slower on a CPU than aten's
+        torch._inductor.config.fallback_random = True
+    # a graph per shape: up to 8 lengths at --seq-len 512, packed and padded, for each model in the process
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return compiled_or_eager(step_fn, "the training step", devices=None, mode=mode)
 
 
 def get_lr(step, total_steps, lr, warmup):
@@ -82,14 +106,13 @@ def global_denominators(micro, count, device, world_size=1):
         for name, n in count(batch).items():
             counts[name] = counts.get(name, 0) + n
     names = list(counts)
-    summed = [counts[name] for name in names]
+    # on the device, even on one rank: a compiled step takes them as tensors (a number would be baked
+    # into its graph, and every new count would compile it again)
+    summed = host_to_device([counts[name] for name in names], device)
     if world_size > 1:
-        summed = host_to_device(summed, device)
         dist.all_reduce(summed)
     denominators = {name: summed[j] / world_size for j, name in enumerate(names)}
-    tokens = summed[names.index("cos"):names.index("cos") + 1] if world_size > 1 else \
-        host_to_device([counts["cos"]], device)
-    return denominators, tokens
+    return denominators, summed[names.index("cos"):names.index("cos") + 1]
 
 
 def forward_backward(model, teacher, micro, step_fn, cfg, denominators, names, device, autocast, scaler):

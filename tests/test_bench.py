@@ -24,12 +24,17 @@ def run_bench(*argv, nproc=1):
 
 def test_overhead_prints_both_steps_and_their_ratio():
     out = run_bench("--overhead", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--seq-len", "32",
-                    "--device", "cpu")
+                    "--device", "cpu", "--recompile-steps", "12")
     ours = float(re.search(r"train.py's step .*?([\d.]+) ms", out).group(1))
     minimal = float(re.search(r"minimal loop .*?([\d.]+) ms", out).group(1))
     ratio = float(re.search(r"ratio: ([\d.]+)x", out).group(1))  # of the unrounded times: the printed are rounded
     assert ratio == pytest.approx(ours / minimal, abs=0.006 + 0.05 * (1 / ours + 1 / minimal) * ours / minimal)
     assert "12-layer hidden-16 teacher -> 6 layers" in out
+    # the compiled step: counted kernel calls, far fewer than the eager step's; no break, no recompilation
+    eager, compiled = map(int, re.search(r"kernel calls per optimizer step \(profiler\): eager (\d+), compiled (\d+)",
+                                         out).groups())
+    assert 0 < compiled < eager / 2, out
+    assert "0 graph breaks" in out and "0 recompilations over the next 11 steps" in out, out
 
 
 def check_train_report(out, nproc):

@@ -41,7 +41,8 @@ from distil import DistilConfig, count_rows, distil_step
 from precision import DTYPES, autocast_for, pick_dtype
 from pretrained import load_teacher
 from student import make_student
-from train_step import StepCounters, dropout_seed, forward_backward, global_denominators, optimizer_step
+from train_step import (StepCounters, compile_step, dropout_seed, forward_backward, global_denominators,
+                        optimizer_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the variants run as `python -m tools.bench` from it
 
@@ -214,8 +215,7 @@ def run_variant(args):
 def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dtype, autocast):
     """run_variant's timing: the variant's step (train_step's forward_backward and optimizer_step
     around it, as train.py calls them) over --warmup then --steps batches, and one JSON line."""
-    model = torch.compile(student) if args.compile else student
-
+    model = student
     kd_on = "masked" if "masked" in variant else "all"
     cfg = DistilConfig(kd_on=kd_on)
     step_fn = textbook_step if variant.startswith("textbook") else distil_step
@@ -225,7 +225,7 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
     order = epoch_batches(seqs, args.batch_size, 0, 0, group_by_length=variant.endswith("-grouped"))
     batches = []
     for indices in order[:args.warmup + args.steps]:
-        b = make_batch(seqs, indices, tokenizer, spec, 0, 0)
+        b = make_batch(seqs, indices, tokenizer, spec, 0, 0, max_length=args.seq_len if args.compile else None)
         if variant.endswith("-padded"):  # the research code's padding: every sequence to --seq-len
             pad = args.seq_len - b["input_ids"].shape[1]
             b = {k: np.pad(v, ((0, 0), (0, pad)), constant_values=(tokenizer.pad_token_id if k == "input_ids"
@@ -238,6 +238,9 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
     with autocast():
         _, first_terms = step_fn(model, teacher, batches[0], cfg)
     first_terms = {k: v.item() for k, v in first_terms.items()}
+    if args.compile:  # the whole step, as train.py --compile (after the eager step above, its probe)
+        step_fn = compile_step(step_fn, args.compile_mode, device)
+    count = partial(count_rows, cfg=cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -254,7 +257,9 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
                 torch.cuda.set_sync_debug_mode("warn")
                 del caught[:]
             start = time.perf_counter()
-            losses = forward_backward(model, teacher, [batch], step_fn, cfg, None, names, device, autocast, scaler)
+            denominators, _ = global_denominators([batch], count, device)
+            losses = forward_backward(model, teacher, [batch], step_fn, cfg, denominators, names, device, autocast,
+                                      scaler)
             optimizer_step(student, optimizer, scaler, losses, 5.0)
             if args.sync_debug:
                 torch.cuda.set_sync_debug_mode("default")  # the timing's own synchronize is not counted
@@ -281,7 +286,8 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     result = {"variant": variant, "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds / len(times),
               "peak_mb": peak_mb, "losses": first_terms, "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else "cpu", "dtype": str(dtype).replace("torch.", "") + (", compiled" if args.compile else "")}
+              else "cpu", "dtype": str(dtype).replace("torch.", "")
+              + (f", compiled ({args.compile_mode})" if args.compile else "")}
     if args.sync_debug:
         result.update(syncs_per_step=len(syncs) / max(1, len(times)), first_sync=syncs[0] if syncs else None)
     if device.type == "cuda":  # model FLOPs utilisation: teacher forward + student forward and backward
@@ -302,17 +308,18 @@ OVERHEAD_SHAPE = dict(vocab_size=1128, hidden_size=16, num_hidden_layers=12, num
 
 
 def train_py_step(model, student, teacher, optimizer, scaler, micro, cfg, device, autocast, names, step, window,
-                  counters):
+                  counters, step_fn=distil_step):
     """One optimizer step as train.py's loop takes it in one process, through the same functions
     (train_step.py): the row counts from the host, each micro-batch moved to the device, distilled
     and backpropagated, the previous step's counters read (train_step.StepCounters), unscale and
     clip, the step (skipped on the device if non-finite), the counters and the log window summed on
-    the device. Without logging, evaluation and checkpoints, which --train times in the real loop."""
+    the device. Without logging, evaluation and checkpoints, which --train times in the real loop.
+    `step_fn`: distil_step, or train_step.compile_step's compiled distil_step."""
     denominators, tokens = global_denominators(micro, partial(count_rows, cfg=cfg), device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     torch.manual_seed(dropout_seed(0, step, 0))
-    losses = forward_backward(model, teacher, micro, distil_step, cfg, denominators, names, device, autocast, scaler)
+    losses = forward_backward(model, teacher, micro, step_fn, cfg, denominators, names, device, autocast, scaler)
     counters.previous()
     result = optimizer_step(student, optimizer, scaler, losses, 5.0)
     counters.add(result)
@@ -361,11 +368,37 @@ def count_aten_calls(fn):
     return Count.calls
 
 
+def count_kernel_calls(fn):
+    """Kernel calls of `fn()`, eager or compiled alike, from torch.profiler's record: the aten operators
+    called from outside another aten operator (eager ones, and a compiled graph's external GEMM,
+    attention and random-number calls), plus the kernels Inductor generated (on a CPU, its C++ kernels,
+    recorded by name with torch._inductor.config.cpp.enable_kernel_profile; on a GPU, every kernel the
+    device ran). Returns {"aten": n, "generated": n, "total": n}."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:  # a GPU's kernel launches are its device events
+        n = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return {"aten": None, "generated": None, "total": n}
+    aten = sum(1 for e in events if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    generated = sum(1 for e in events if "cpp_fused" in e.name)
+    return {"aten": aten, "generated": generated, "total": aten + generated}
+
+
 def bench_overhead(args):
-    """ms per step of train.py's step and of the minimal loop, interleaved on the same batches (so both
-    see the same load), at negligible width: a 12-layer teacher of hidden size 16 -> 6 layers. What is
-    left is host overhead: Python, operator dispatch, synchronisations."""
+    """ms per step of train.py's step (eager, and compiled as train.py --compile), and of the minimal
+    loop, interleaved on the same batches (so all see the same load), at negligible width: a 12-layer
+    teacher of hidden size 16 -> 6 layers. What is left is host overhead: Python, operator dispatch,
+    synchronisations. Then the proxies of a GPU's launch overhead: aten calls and kernel calls per
+    step, and the compiled step's recompilations over --recompile-steps steps."""
+    from torch._dynamo.utils import counters as dynamo_counters
     from transformers import BertConfig, BertForMaskedLM
+    torch._inductor.config.cpp.enable_kernel_profile = True  # Inductor's C++ kernels named in the profiler
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     dtype_name, reason = pick_dtype(args.dtype, device)
@@ -374,56 +407,89 @@ def bench_overhead(args):
     teacher = BertForMaskedLM(BertConfig(**OVERHEAD_SHAPE)).eval().requires_grad_(False)
     tokenizer = SyntheticTokenizer(teacher.config.vocab_size)
     n_steps = args.warmup + args.steps
-    corpus = synthetic_corpus(teacher.config.vocab_size, 2 * n_steps * args.batch_size * args.seq_len)
+    n_batches = max(n_steps, args.recompile_steps) + 1
+    corpus = synthetic_corpus(teacher.config.vocab_size, 2 * n_batches * args.batch_size * args.seq_len)
     student = make_student(teacher)  # the default: an evenly spread half, 6 layers
-    twin = copy.deepcopy(student)
+    models = {"ours": student, "compiled": copy.deepcopy(student), "minimal": copy.deepcopy(student)}
     teacher.to(device)
-    student.to(device)
-    twin.to(device)
+    for model in models.values():
+        model.to(device)
     if dtype != torch.float32:  # as train.py: the teacher's weights in the compute dtype
         teacher.to(dtype)
     cfg = DistilConfig()  # the default recipe
     names = ["loss"] + [k for k in ("kd", "mlm", "cos") if getattr(cfg, f"alpha_{k}") > 0]
     seqs = make_sequences(corpus, args.seq_len)
     spec = mask_spec(tokenizer)
-    batches = [make_batch(seqs, indices, tokenizer, spec, 0, 0)
-               for indices in epoch_batches(seqs, args.batch_size, 0, 0)[:n_steps]]
-    ours_opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as train_step.make_optimizer
-    minimal_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, fused=True)
+    # full sequences only: the corpus's last, short one would make a padded batch (another graph)
+    order = [idx for idx in epoch_batches(seqs, args.batch_size, 0, 0)
+             if (seqs.lengths[idx] == args.seq_len - 2).all()][:n_batches]
+    batches = [make_batch(seqs, indices, tokenizer, spec, 0, 0) for indices in order]
+    # the compiled step's batches: the same, their row indices padded to fixed sizes (data.masked_size)
+    static = [make_batch(seqs, indices, tokenizer, spec, 0, 0, max_length=args.seq_len) for indices in order]
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train_step.make_optimizer
+                  for name, model in models.items()}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {"ours": [], "minimal": []}
     window = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
     counters = StepCounters(device)
-    for i, batch in enumerate(batches):
-        for name in ("ours", "minimal") if i % 2 == 0 else ("minimal", "ours"):  # neither always goes first
+
+    def step(name, i):
+        if name == "minimal":  # the same batch, its masked rows found on the host by data.make_batch
+            return minimal_step(models[name], teacher, optimizers[name], to_device(batches[i], device), autocast)
+        train_py_step(models[name], models[name], teacher, optimizers[name], scaler,
+                      [static[i] if name == "compiled" else batches[i]], cfg, device, autocast, names, i, window,
+                      counters, compiled if name == "compiled" else distil_step)
+
+    compiled = distil_step
+    train_py_step(models["compiled"], models["compiled"], teacher, optimizers["compiled"], scaler, [static[-1]], cfg,
+                  device, autocast, names, 0, window, counters)  # the eager probe step train.py takes first
+    compiled = compile_step(distil_step, args.compile_mode, device)
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    start = time.perf_counter()
+    step("compiled", 0)
+    compile_seconds = time.perf_counter() - start
+    times = {"ours": [], "compiled": [], "minimal": []}
+    turns = list(times)
+    for i in range(n_steps):
+        for name in turns[i % 3:] + turns[:i % 3]:  # none always goes first
             sync()
             start = time.perf_counter()
-            if name == "ours":
-                train_py_step(student, student, teacher, ours_opt, scaler, [batch], cfg, device, autocast, names, i,
-                              window, counters)
-            else:  # the same batch, its masked rows found on the host by data.make_batch
-                minimal_step(twin, teacher, minimal_opt, to_device(batch, device), autocast)
+            step(name, i)
             sync()
             if i >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - start))
     ms = {name: float(np.median(t)) for name, t in times.items()}
-    calls = {"ours": count_aten_calls(lambda: train_py_step(student, student, teacher, ours_opt, scaler, batches[-1:],
-                                                            cfg, device, autocast, names, n_steps, window,
-                                                            counters)),
-             "minimal": count_aten_calls(lambda: minimal_step(twin, teacher, minimal_opt,
-                                                              to_device(batches[-1], device), autocast))}
+    graphs_after_warmup = dynamo_counters["stats"]["unique_graphs"]
+    for i in range(n_steps, args.recompile_steps):  # more batches, for the recompilation count
+        step("compiled", i)
+    recompiles = dynamo_counters["stats"]["unique_graphs"] - graphs_after_warmup
+    breaks = sum(dynamo_counters["graph_break"].values())
+    last = n_batches - 1
+    calls = {"ours": count_aten_calls(lambda: step("ours", last)),
+             "minimal": count_aten_calls(lambda: step("minimal", last))}
+    kernels = {"ours": count_kernel_calls(lambda: step("ours", last)),
+               "compiled": count_kernel_calls(lambda: step("compiled", last))}
     where = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
     print(f"host overhead: 12-layer hidden-16 teacher -> 6 layers, vocabulary {teacher.config.vocab_size}, "
           f"batch {args.batch_size} x {args.seq_len}, {dtype_name} ({reason}), {where}; median of "
           f"{args.steps} steps after {args.warmup}")
     print(f"  train.py's step (distil_step, default recipe):           {ms['ours']:8.2f} ms")
+    print(f"  the same, compiled (--compile, mode {args.compile_mode}):        {ms['compiled']:8.2f} ms  "
+          f"({ms['ours'] / ms['compiled']:.2f}x faster; compiling took {compile_seconds:.0f} s)")
     print(f"  minimal loop (teacher fwd, student fwd+bwd, KL, AdamW):  {ms['minimal']:8.2f} ms")
     print(f"  ratio: {ms['ours'] / ms['minimal']:.2f}x")
     print(f"  aten calls per optimizer step (eager: one kernel each on a GPU): train.py's step {calls['ours']}, "
           f"minimal loop {calls['minimal']}")
-    return ms, calls
+    k_ours, k_comp = kernels["ours"], kernels["compiled"]
+    print(f"  kernel calls per optimizer step (profiler): eager {k_ours['total']}, compiled {k_comp['total']}"
+          + (f" ({k_comp['generated']} generated by Inductor + {k_comp['aten']} aten: GEMMs, attention, dropout's "
+             f"random numbers, the optimizer)" if k_comp["aten"] is not None else "")
+          + f": {k_ours['total'] / max(1, k_comp['total']):.1f}x fewer")
+    print(f"  compiled: {breaks} graph breaks; {graphs_after_warmup} graph(s) after the first step, "
+          f"{recompiles} recompilations over the next {max(args.recompile_steps, n_steps) - 1} steps")
+    return ms, calls, kernels, recompiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +713,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="dtype of 'ours'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--compile", action="store_true", help="the whole step compiled, as train.py --compile")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--dropout-off", action="store_true", help="dropout 0 (for exact loss comparisons)")
     p.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -659,6 +726,8 @@ def main(argv=None):
                         "flags bench.py does not know go to train.py")
     p.add_argument("--overhead", action="store_true",
                    help="host overhead: train.py's step vs a minimal loop at negligible width, in ms and their ratio")
+    p.add_argument("--recompile-steps", type=int, default=200, help="with --overhead: steps of the compiled step "
+                   "over which recompilations are counted")
     p.add_argument("--repeat", type=int, default=10, help="with --tokenize: copies of --corpus to tokenize")
     p.add_argument("--gpu-check", action="store_true", help="the first command on a GPU: bert-base -> 6 at 32x128, "
                    "16x512, 128x128, eager and compiled, MFU, sync-debug, the GPU tests, a table for docs/speed.md")
