@@ -24,7 +24,10 @@ from losses import compiled_or_eager
 def use_compile(choice, device):
     """--compile as a bool: "on", "off", or "auto", which compiles on a GPU, where the eager step's
     ~1,400 kernel launches per micro-step leave the GPU waiting for the host, and not on a CPU, where
-    the compilation costs more than it saves in a short run (docs/speed.md)."""
+    the compilation costs more than it saves in a short run (docs/speed.md). A bool (a resumed run's
+    OUT/run.json keeps what its start decided) is that decision."""
+    if isinstance(choice, bool):
+        return choice
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 

@@ -198,9 +198,9 @@ def test_train_py_compiled_matches_eager_with_no_graph_break(tiny_teacher_no_dro
     break and a graph for each of the two kinds of batch; the same losses and perplexities as eager.
     Without dropout: the compiled run's batches are padded longer (data.static_length), so dropout's
     random masks, drawn per position, would differ."""
-    common = ["--teacher", tiny_teacher_no_dropout, "--train", tiny_corpus[0], "--valid", tiny_corpus[1], "--max-steps", "24",
-              "--batch-size", "4", "--seq-len", "32", "--no-pack", "--eval-every", "12", "--log-every", "6",
-              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    common = ["--teacher", tiny_teacher_no_dropout, "--train", tiny_corpus[0], "--valid", tiny_corpus[1],
+              "--max-steps", "24", "--batch-size", "4", "--seq-len", "32", "--no-pack", "--eval-every", "12",
+              "--log-every", "6", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     train.main(common + ["--out", str(tmp_path / "eager"), "--compile", "off"])
     torch._dynamo.reset()
     counters.clear()
@@ -218,7 +218,10 @@ def test_train_py_compiled_matches_eager_with_no_graph_break(tiny_teacher_no_dro
 def test_compile_auto_is_off_on_a_cpu():
     assert train.use_compile("auto", torch.device("cpu")) is False
     assert train.use_compile("auto", torch.device("cuda")) is True
-    assert train.use_compile("on", torch.device("cpu")) is True and train.use_compile("off", torch.device("cuda")) is False
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.use_compile("on", cpu) is True and train.use_compile("off", cuda) is False
+    # a resumed run keeps its start's decision, which OUT/run.json holds as a bool
+    assert train.use_compile(True, cpu) is True and train.use_compile(False, cuda) is False
 
 
 # ---- 4. the fallback when no compiler works ----

@@ -163,6 +163,18 @@ def test_padded_masked_lm_steps_read_nothing(setup):
     assert reads_per_step(setup, "nopack-accum2", "--grad-accum", "2", *recipe) == {}
 
 
+def test_sentence_embedding_steps_read_nothing(tiny_teacher, tmp_path_factory):
+    """A sentence-embedding step reads nothing back either, its batches padded to their longest text
+    included (the texts are shorter than --seq-len), with accumulation and a layer loss."""
+    from test_embeddings import make_sentence_teacher
+    folder = tmp_path_factory.mktemp("sync_embed")
+    teacher = make_sentence_teacher(str(folder / "teacher"))
+    corpus = write_corpus(str(folder / "train.txt"), 120, max_words=12, seed=5)  # texts shorter than --seq-len
+    base = ["--teacher", teacher, "--train", corpus, "--batch-size", "4", "--seq-len", "32", "--log-every", "1000",
+            "--save-every", "1000", "--no-progress", "--cache-dir", str(folder / "cache"), "--dtype", "fp32"]
+    assert reads_per_step((base, folder), "embed", "--grad-accum", "2", "--alpha-cos", "1") == {}
+
+
 # ---- the step's semantics, kept: skip, count, --max-bad-steps, stop on every rank at the same step ----
 
 def adam_state(model, optimizer):

@@ -368,12 +368,20 @@ def count_aten_calls(fn):
     return Count.calls
 
 
+# aten operators that launch no kernel: views, metadata, allocation, and reads to the host
+NO_KERNEL = {"aten::" + name for name in (
+    "detach", "detach_", "view", "_unsafe_view", "t", "transpose", "permute", "reshape", "_reshape_alias", "expand",
+    "slice", "select", "as_strided", "unsqueeze", "squeeze", "flatten", "alias", "lift_fresh", "empty",
+    "empty_strided", "empty_like", "resize_", "set_", "split", "chunk", "unbind", "to", "_to_copy", "item",
+    "_local_scalar_dense", "contiguous", "unflatten", "numpy_T", "result_type", "promote_types")}
+
+
 def count_kernel_calls(fn):
-    """Kernel calls of `fn()`, eager or compiled alike, from torch.profiler's record: the aten operators
-    called from outside another aten operator (eager ones, and a compiled graph's external GEMM,
-    attention and random-number calls), plus the kernels Inductor generated (on a CPU, its C++ kernels,
-    recorded by name with torch._inductor.config.cpp.enable_kernel_profile; on a GPU, every kernel the
-    device ran). Returns {"aten": n, "generated": n, "total": n}."""
+    """Kernel calls of `fn()`, eager or compiled alike, from torch.profiler's record: on a CPU, each aten
+    operator that does work itself (one with no aten operator inside it, and not a view, an allocation
+    or a read: NO_KERNEL), plus each kernel Inductor generated (its C++ kernels, recorded by name with
+    torch._inductor.config.cpp.enable_kernel_profile); a copy counts as the copy_ inside it. On a GPU,
+    the kernels the device ran. Returns {"aten": n, "generated": n, "total": n}."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -384,8 +392,9 @@ def count_kernel_calls(fn):
     if cuda:  # a GPU's kernel launches are its device events
         n = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         return {"aten": None, "generated": None, "total": n}
-    aten = sum(1 for e in events if e.name.startswith("aten::")
-               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    has_aten_inside = {id(e.cpu_parent) for e in events if e.cpu_parent is not None and e.name.startswith("aten::")}
+    aten = sum(1 for e in events if e.name.startswith("aten::") and e.name not in NO_KERNEL
+               and id(e) not in has_aten_inside)
     generated = sum(1 for e in events if "cpp_fused" in e.name)
     return {"aten": aten, "generated": generated, "total": aten + generated}
 
@@ -657,23 +666,27 @@ GPU_CHECK_TESTS = ("tests/test_sync.py", "tests/test_step_faults.py")  # train.m
 
 def gpu_check(args):
     """The first command to run on a GPU (about 10 minutes on one card): bert-base -> 6 layers at each
-    of GPU_CHECK_SHAPES, eager and compiled (torch.compile of the student), tokens/s and MFU against
-    the card's peak, with torch's sync-debug mode on in the timed steps (each synchronising call is
-    counted: none is expected, optimizer_step skips a non-finite step on the device); then the tests that
-    run train.main on the GPU; then the table for docs/speed.md."""
+    of GPU_CHECK_SHAPES, eager and with the whole step compiled (and as CUDA graphs at the first
+    shape), tokens/s and MFU against the card's peak, with torch's sync-debug mode on in the timed
+    steps (each synchronising call is counted: none is expected, optimizer_step skips a non-finite
+    step on the device); then the tests that run train.main on the GPU; then the table for
+    docs/speed.md."""
     if not torch.cuda.is_available():
         sys.exit("error: --gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); run it on "
                  "a GPU machine: python -m tools.bench --gpu-check")
     rows = []
     for batch_size, seq_len in GPU_CHECK_SHAPES:
-        for compiled in (False, True):
+        # eager, compiled, and at the first shape compiled as CUDA graphs (--compile-mode reduce-overhead)
+        first = (batch_size, seq_len) == GPU_CHECK_SHAPES[0]
+        for mode in ("eager", "default") + (("reduce-overhead",) if first else ()):
             cmd = [sys.executable, "-m", "tools.bench", "--model", "bert-base", "--variant", "ours-masked",
                    "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--dtype", args.dtype, "--sync-debug"] + (["--compile"] * compiled)
+                   "--warmup", str(max(args.warmup, 3)), "--dtype", args.dtype, "--sync-debug"] + \
+                (["--compile", "--compile-mode", mode] if mode != "eager" else [])
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             r = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
                 {"error": out.stderr[-300:]}
-            rows.append(((batch_size, seq_len), "compiled" if compiled else "eager", r))
+            rows.append(((batch_size, seq_len), "eager" if mode == "eager" else f"compiled ({mode})", r))
             print(f"{batch_size} x {seq_len} {rows[-1][1]}: {r}", file=sys.stderr, flush=True)
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *GPU_CHECK_TESTS], capture_output=True,
                            text=True, cwd=ROOT)
