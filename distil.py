@@ -23,7 +23,9 @@ attention mask and labels (`batch_rows`), and travels with the batch as index te
 gather with `index_select`, and divide by row counts the host already knows. A batch without
 padding runs with attention_mask=None, so the model builds no mask and SDPA takes its fastest
 kernel; a padded batch gives the models their 4-D mask ready-made (prepared_mask), so that
-transformers need not check the mask for padding, which reads it back.
+transformers need not check the mask for padding, which reads it back. For a compiled step
+(train.py --compile) the index tensors have fixed sizes, padded with rows that weigh zero
+(batch_rows' masked_size), so that one graph serves every batch of a shape.
 """
 
 from dataclasses import dataclass

@@ -215,6 +215,22 @@ def test_train_py_compiled_matches_eager_with_no_graph_break(tiny_teacher_no_dro
                 assert c[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (key, e, c)
 
 
+def test_compiled_under_torchrun_equals_eager_under_torchrun(tiny_teacher, tiny_corpus, tmp_path):
+    """2 gloo ranks, each compiling the step of its DDP-wrapped student (Dynamo splits the graph at
+    DDP's buckets): the same losses and perplexities as the eager run of 2 ranks."""
+    from test_resume import flags, metrics, ok, run
+    base = dict(teacher=tiny_teacher, train=tiny_corpus[0], valid=tiny_corpus[1], max_steps=8, batch_size=4,
+                seq_len=32, eval_every=4, log_every=2, no_progress=True, cache_dir=str(tmp_path / "cache"))
+    ok(run(flags(base, out=str(tmp_path / "eager"), compile="off"), nproc=2, timeout=600))
+    ok(run(flags(base, out=str(tmp_path / "compiled"), compile="on"), nproc=2, timeout=900))
+    eager, compiled = metrics(str(tmp_path / "eager")), metrics(str(tmp_path / "compiled"))
+    for e, c in zip(eager, compiled):
+        for key in ("loss", "kd", "mlm", "cos", "valid_ppl"):
+            if key in e:
+                assert c[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (key, e, c)
+    assert sum("valid_ppl" in r for r in compiled) == 2
+
+
 def test_compile_auto_is_off_on_a_cpu():
     assert train.use_compile("auto", torch.device("cpu")) is False
     assert train.use_compile("auto", torch.device("cuda")) is True
