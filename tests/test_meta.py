@@ -4,6 +4,7 @@ Meta tensors have shapes and no values, like an accelerator's as the host sees t
 (.item(), .tolist(), bool(), a Python `if` on a tensor, a boolean-mask index) raises, and so does
 arithmetic that mixes in a CPU tensor with dimensions (one made without device=; a 0-dim CPU scalar
 is allowed, as on CUDA). Every loss combination, padded and packed batches and every task kind run
+(with their row indices as train.py gives them, and padded to a compiled step's fixed sizes)
 here, forward and backward; a read-back inside the step, or a tensor left on the host, fails the
 test on a machine without a GPU. The same dry run counts the step's FLOPs at bert-base's shapes
 (free on meta), which checks tools/bench.py's MFU formula.
@@ -63,12 +64,15 @@ def masked_lm_models():
     return on_meta(teacher, make_student(teacher, LAYERS))
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["rows", "fixed-size-rows"])
 @pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_distil_step_runs_on_meta(masked_lm_models, recipe, padded):
+def test_distil_step_runs_on_meta(masked_lm_models, recipe, padded, static):
     teacher, student = masked_lm_models
     cfg = RECIPES[recipe]
     batch = masked_lm_batch(padded)
+    if static:  # a compiled step's batch: row indices of fixed sizes, with their weights (batch_rows)
+        batch.update(batch_rows(batch["attention_mask"], batch["labels"], masked_size=20))
     loss, terms = distil_step(student, teacher, to_device(batch, META), cfg)
     assert loss.device == META and set(terms) == {k for k in ("kd", "mlm", "cos", "mse", "hidden", "attn", "relation")
                                                   if getattr(cfg, f"alpha_{k}") > 0}
@@ -90,8 +94,9 @@ TASKS = {  # kind: (model class, config extras, labels of a 3-sequence batch, on
 }
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["rows", "fixed-size-rows"])
 @pytest.mark.parametrize("kind", list(TASKS))
-def test_task_step_runs_on_meta(kind):
+def test_task_step_runs_on_meta(kind, static):
     model_class, extra, labels = TASKS[kind]
     torch.manual_seed(0)
     teacher = model_class(BertConfig(**TINY, **extra)).eval().requires_grad_(False)
@@ -102,7 +107,7 @@ def test_task_step_runs_on_meta(kind):
         labels = np.where(batch["attention_mask"] == 1, batch["input_ids"] % 4, -100)
         labels[0, 1] = -100  # a predicted word without a label
     batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
-             **task_rows(batch["attention_mask"], labels, kind)}
+             **task_rows(batch["attention_mask"], labels, kind, static=static)}
     cfg = DistilConfig(alpha_kd=1.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_label=1.0, alpha_mse=1.0,
                        alpha_hidden=1.0, layer_map=MAP)
     denominators = {k: float(v) for k, v in count_task_rows(batch, cfg).items()}
