@@ -15,6 +15,8 @@ Resuming: a seed whose run finished (OUT/seed-N/seed.json, written when its trai
 run again; its scores are read back. A run that was stopped continues from its checkpoint
 (train.py --resume auto); its wall time is then that of the last part only, and seeds.json says so.
 A run that fails stops the script with one line naming the seed, its exit status and its log.
+Two invocations may share OUT (seeds run side by side): train.py's lock on OUT/seed-N keeps one run
+per seed, and a seed's first record (seed.json) is never overwritten by a later one.
 
 Standard library and numpy only: train.py runs as a subprocess (the Python running this script).
 """
@@ -83,8 +85,12 @@ def run_seed(seed, out, train_args):
             last = lines[-1] if lines else "(empty)"
             sys.exit(f"error: seed {seed}: train.py exited with status {status}; its log {log} ends: {last}")
         row = {"seed": seed, "seconds": seconds, "resumed": resumed, "command": command}
-        with open(done, "w") as f:
-            json.dump(row, f, indent=1)
+        try:  # never over another invocation's record of the same run (it timed the whole of it)
+            with open(done, "x") as f:
+                json.dump(row, f, indent=1)
+        except FileExistsError:
+            with open(done) as f:
+                row = json.load(f)
     row["scores"] = final_scores(run_dir, log)
     return row
 
