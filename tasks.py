@@ -18,7 +18,7 @@ The pipeline, top to bottom:
    (DistilBERT (D)'s recipe), and the layer losses shared with the masked-LM step (distil.py).
 
 A task run end to end, file by file: pretrained.task_kind reads the task from the teacher's config;
-flags.RECIPES["task"] gives its defaults (KD 0.5 + labels 0.5, AdamW 5e-5); run_inputs.load_data
+flags.RECIPES["task"] gives its defaults (KD 0.5 + labels 0.5, AdamW 1e-4); run_inputs.load_data
 calls load_examples; train.pick_run puts task_step, count_task_rows and TaskBatches into the loop;
 heldout.evaluate_task_model and heldout.task_metrics score it (accuracy, F1, correlations, entity
 F1, agreement with the teacher); modelcard.task_model_card describes the saved student.
