@@ -1,6 +1,7 @@
 """bench.py's --overhead and --train run (on the CPU, at tiny sizes) and print what they promise; the
 peak table tells the H100 variants apart. Timings are printed, never asserted."""
 
+import json
 import re
 import subprocess
 import sys
@@ -35,6 +36,15 @@ def test_overhead_prints_both_steps_and_their_ratio():
     compiled = int(re.search(r"kernel calls per optimizer step, compiled: (\d+)", out).group(1))
     assert 0 < compiled < eager / 3, out
     assert "0 graph breaks" in out and "0 recompilations over the next 11 steps" in out, out
+
+
+@pytest.mark.parametrize("variant", ["ours-masked-padded", "ours-masked-grouped"])
+def test_the_variants_that_build_their_own_batches_run(variant):
+    """The unpacked variants pad or group their documents themselves: each times a step and prints its line."""
+    out = run_bench("--variant", variant, "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "32",
+                    "--device", "cpu")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["variant"] == variant and result["tokens_per_s"] > 0 and set(result["losses"]) == {"kd", "mlm", "cos"}
 
 
 def check_train_report(out, nproc):

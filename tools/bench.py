@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 import distil
-from data import epoch_batches, make_batch, make_sequences, mask_spec, to_device
+from data import epoch_batches, make_batch, make_sequences, mask_spec, masked_size, to_device
 from token_cache import Corpus, load_corpus
-from distil import DistilConfig, count_rows, distil_step
+from distil import DistilConfig, batch_rows, count_rows, distil_step
 from precision import DTYPES, autocast_for, pick_dtype
 from pretrained import load_teacher
 from student import make_student
@@ -227,10 +227,11 @@ def time_variant(args, variant, teacher, student, tokenizer, corpus, device, dty
     for indices in order[:args.warmup + args.steps]:
         b = make_batch(seqs, indices, tokenizer, spec, 0, 0, max_length=args.seq_len if args.compile else None)
         if variant.endswith("-padded"):  # the research code's padding: every sequence to --seq-len
-            pad = args.seq_len - b["input_ids"].shape[1]
-            b = {k: np.pad(v, ((0, 0), (0, pad)), constant_values=(tokenizer.pad_token_id if k == "input_ids"
-                                                                      else -100 if k == "labels" else 0))
-                 for k, v in b.items()}
+            widen = lambda x, fill: np.pad(x, ((0, 0), (0, args.seq_len - x.shape[1])), constant_values=fill)
+            ids, mask, labels = (widen(b["input_ids"], tokenizer.pad_token_id), widen(b["attention_mask"], 0),
+                                 widen(b["labels"], -100))
+            b = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 **batch_rows(mask, labels, masked_size(mask.shape, spec.prob) if args.compile else None)}
         batches.append(to_device(b, device))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
 
