@@ -244,6 +244,14 @@ def parse_args(argv=None):
         unknown = sorted(set(config) - known)
         if unknown:
             raise SystemExit(f"error: --config {pre.config}: unknown keys {unknown}; keys are flag names")
+        for action in p._actions:  # argparse checks a flag's choices on the command line only
+            if action.choices is None or action.dest not in config:
+                continue
+            if isinstance(config[action.dest], bool) and "on" in action.choices:  # "compile": true, as it once was
+                config[action.dest] = "on" if config[action.dest] else "off"
+            if config[action.dest] not in action.choices:
+                raise SystemExit(f"error: --config {pre.config}: {action.option_strings[0]} {config[action.dest]!r} "
+                                 f"is not one of {', '.join(map(str, action.choices))}")
         p.set_defaults(**config)
     args = p.parse_args(argv)
     for flag in ("train", "out") + (() if args.task else ("teacher",)):

@@ -81,15 +81,25 @@ def test_bad_flag_stops_before_anything_is_loaded(flags, fragments, tmp_path):
     assert "no-such-teacher" not in message and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key,value", [("batch_size", 2.5), ("lr", True), ("temperature", 0), ("epochs", "many")])
+@pytest.mark.parametrize("key,value", [("batch_size", 2.5), ("lr", True), ("temperature", 0), ("epochs", "many"),
+                                       ("dtype", "bf32"), ("compile", "yes"), ("kd_on", "some")])
 def test_bad_values_in_a_config_file(key, value, tmp_path):
-    """JSON numbers reach the flags unconverted: their kind is checked as well as their range."""
+    """JSON numbers reach the flags unconverted: their kind is checked as well as their range; a flag
+    with choices gets one of them (argparse checks them on the command line only)."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({key: value}))
     with pytest.raises(SystemExit) as info:
         train.main(base_flags(tmp_path) + ["--config", str(config)])
     message = str(info.value)
     assert message.startswith("error: ") and "\n" not in message and f"--{key.replace('_', '-')}" in message
+
+
+def test_a_config_file_from_when_compile_was_a_switch_still_reads(tmp_path):
+    from flags import parse_args
+    for value, expected in ((True, "on"), (False, "off")):
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"compile": value}))
+        assert parse_args(base_flags(tmp_path) + ["--config", str(config)]).compile == expected
 
 
 def test_good_edge_values_pass(tmp_path):
