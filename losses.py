@@ -112,8 +112,13 @@ def compiled_or_eager(fn, what, devices=("cuda",), **options):
             return
         _warned.add(what)
         first = (str(error).strip().splitlines() or [""])[0]
-        print(f"warning: torch.compile of {what} failed ({type(error).__name__}: {first[:200]}); running it "
-              "eagerly (the same numbers, slower)", file=sys.stderr, flush=True)
+        line = (f"warning: torch.compile of {what} failed ({type(error).__name__}: {first[:200]}); running it "
+                "eagerly (the same numbers, slower)")
+        try:  # above a tqdm progress bar if one is drawn (train.py's), not glued to its end
+            from tqdm import tqdm
+            tqdm.write(line, file=sys.stderr)
+        except ImportError:
+            print(line, file=sys.stderr, flush=True)
 
     def call(*args, **kwargs):
         if torch.compiler.is_compiling():  # inside a compiled step: traced into its graph

@@ -76,6 +76,9 @@ def main(argv=None):
     rank, local_rank, world_size, device = setup_device(args)
     args.compile = use_compile(args.compile, device)  # "auto": on a GPU
     ddp, master = world_size > 1, rank == 0
+    if master and args.compile_mode != "default" and not (args.compile and device.type == "cuda"):
+        print(f"warning: --compile-mode {args.compile_mode} " + ("does nothing without --compile on" if not args.compile
+              else "has no CUDA graphs to replay on a CPU"), file=sys.stderr, flush=True)
     finished = start_or_resume(args, rank, world_size, master)
     if finished is not None:  # one line said so: exit 0, so that torchrun --max-restarts does not retry
         return finished

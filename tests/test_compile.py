@@ -231,6 +231,15 @@ def test_compiled_under_torchrun_equals_eager_under_torchrun(tiny_teacher, tiny_
     assert sum("valid_ppl" in r for r in compiled) == 2
 
 
+def test_a_compile_mode_that_cannot_apply_says_so(tiny_teacher, tiny_corpus, tmp_path, capsys):
+    common = ["--teacher", tiny_teacher, "--train", tiny_corpus[0], "--max-steps", "1", "--batch-size", "2",
+              "--seq-len", "16", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    train.main(common + ["--out", str(tmp_path / "a"), "--compile-mode", "reduce-overhead"])
+    assert "warning: --compile-mode reduce-overhead does nothing without --compile on" in capsys.readouterr().err
+    train.main(common + ["--out", str(tmp_path / "b"), "--compile-mode", "default"])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_compile_auto_is_off_on_a_cpu():
     assert train.use_compile("auto", torch.device("cpu")) is False
     assert train.use_compile("auto", torch.device("cuda")) is True

@@ -60,6 +60,11 @@ def test_two_seeds_mean_and_std_from_their_metrics_and_resume(task):
     assert again.stdout.count("not run again") == 2
     assert [open(os.path.join(out, f"seed-{s}.log")).read() for s in (0, 1)] == logs
     assert json.load(open(os.path.join(out, "seeds.json")))["scores"] == result["scores"]
+    # other flags into the same OUT: refused in one line, not answered with the old runs' scores
+    other = seeds_cmd("--seeds", "0,1", "--out", out, "--", *[f if f != "3" else "4" for f in flags])
+    assert other.returncode != 0 and "finished with other train.py flags" in other.stderr, other.stderr
+    assert "(differing: 3 4)" in other.stderr, other.stderr  # --max-steps 3 then 4
+    assert [open(os.path.join(out, f"seed-{s}.log")).read() for s in (0, 1)] == logs
 
 
 def test_a_failing_run_names_its_seed_and_log(task):

