@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from losses import (attention_kl_loss, attention_mse_loss, cosine_loss, hidden_mse_loss, kd_loss, mlm_loss, mse_loss,
-                    relation_loss)
+                    per_head_weights, relation_loss)
 
 
 @dataclass
@@ -429,8 +429,7 @@ def attention_loss(student_att, teacher_att, attention_mask, real_rows, n_real, 
     """ATTN for one pair of layers: rows are (real query position, head) pairs; `real_rows` and
     `weights` (one per query row) as in layer_terms, `attention_mask` None when nothing is padded."""
     n_heads = student_att["scores"].shape[1]
-    if weights is not None:  # one weight per (query row, head)
-        weights = weights[:, None].expand(-1, n_heads).reshape(-1)
+    weights = per_head_weights(weights, n_heads)  # one weight per (query row, head)
     if teacher_att["scores"].shape[1] != n_heads:
         raise ValueError(f"attention losses need the same number of heads in teacher and student "
                          f"({teacher_att['scores'].shape[1]} vs {n_heads}); use the relation loss instead")

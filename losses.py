@@ -37,7 +37,7 @@ def _weighted_sum(per_row, weights):
     return per_row.sum() if weights is None else (per_row * weights).sum()
 
 
-def _per_head(weights, n_heads):
+def per_head_weights(weights, n_heads):
     """Row weights (rows,) repeated for each of n_heads, as (rows * n_heads,): attention losses' rows."""
     return None if weights is None else weights[:, None].expand(-1, n_heads).reshape(-1)
 
@@ -365,7 +365,7 @@ def relation_loss(student_x, teacher_x, attention_mask, n_heads, denominator=Non
     teacher_rel = relation_scores(teacher_x.detach(), attention_mask, n_heads).flatten(0, 1)
     if query_rows is not None:
         student_rel, teacher_rel = student_rel.index_select(0, query_rows), teacher_rel.index_select(0, query_rows)
-    return kd_loss(student_rel, teacher_rel, 1.0, denominator, _per_head(weights, n_heads))
+    return kd_loss(student_rel, teacher_rel, 1.0, denominator, per_head_weights(weights, n_heads))
 
 
 def embedding_loss(student_embeddings, teacher_embeddings, denominator=None, kind="mse"):

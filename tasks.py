@@ -606,11 +606,10 @@ def task_rows(attention_mask, labels, kind, word_mask=None, static=False):
     rows["real_rows"], rows["real_weight"] = pad_rows(rows["real_rows"], positions)
     size = positions if kind == "token_classification" else n_sequences
     rows["kd_rows"], rows["kd_weight"] = pad_rows(rows["kd_rows"], size)
-    n_label = len(rows["label_rows"])
     rows["label_rows"], rows["label_weight"] = pad_rows(rows["label_rows"], size)
     fill = -100 if rows["row_labels"].dtype == np.int64 else 0.0  # 0.0, not NaN: 0 x NaN is NaN
-    rows["row_labels"] = np.pad(rows["row_labels"], [(0, size - n_label)] + [(0, 0)] * (rows["row_labels"].ndim - 1),
-                                constant_values=fill)
+    widths = [(0, size - rows["n_label"])] + [(0, 0)] * (rows["row_labels"].ndim - 1)  # (n,) or (n, C)
+    rows["row_labels"] = np.pad(rows["row_labels"], widths, constant_values=fill)
     return rows
 
 
